@@ -1,0 +1,93 @@
+"""JAX: stateless steps (stateless_call, jax.value_and_grad, optimizer.stateless_apply),
+as in keras.io's "Customizing what happens in fit() with JAX". Keras jit-compiles them."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import keras
+
+NAME = "jax"
+
+
+# ---------------------------------------------------------------------- environment
+
+
+def configure(deterministic: bool = False) -> None:
+    # XLA:CPU is deterministic already; on GPU, TF32 would change float32 matmuls.
+    jax.config.update("jax_default_matmul_precision", "highest" if deterministic else None)
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
+
+
+def versions() -> dict:
+    import jaxlib
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+
+
+def synchronize(value=None) -> None:
+    # JAX dispatches asynchronously: block on the last result before reading a clock.
+    if value is not None:
+        jax.block_until_ready(value)
+    else:
+        jax.effects_barrier()
+
+
+def peak_device_memory_mb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+# ---------------------------------------------------------------------- steps
+
+
+def train_step(module, state, data):
+    trainable, non_trainable, optimizer_state, metrics_state = state
+    images, labels = data[0], data[1]
+
+    # Forward pass
+    def compute_loss(trainable, non_trainable):
+        probabilities, non_trainable = module.stateless_call(trainable, non_trainable, images, training=True)
+        loss, probabilities, _ = module.training_step((images, labels), probabilities)
+        return loss, (probabilities, non_trainable)
+
+    # Compute gradients
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    (loss, (probabilities, non_trainable)), gradients = grad_fn(trainable, non_trainable)
+
+    # Update weights
+    trainable, optimizer_state = module.optimizer.stateless_apply(optimizer_state, gradients, trainable)
+
+    # Update metrics
+    logs, metrics_state = _update_metrics(module, metrics_state, loss, labels, probabilities)
+    return logs, (trainable, non_trainable, optimizer_state, metrics_state)
+
+
+def test_step(module, state, data):
+    trainable, non_trainable, metrics_state = state
+    images, labels = data[0], data[1]
+
+    # Forward pass
+    probabilities, non_trainable = module.stateless_call(trainable, non_trainable, images, training=False)
+    loss, probabilities, _ = module._common_step((images, labels), "test", probabilities)
+
+    # Update metrics
+    logs, metrics_state = _update_metrics(module, metrics_state, loss, labels, probabilities)
+    return logs, (trainable, non_trainable, metrics_state)
+
+
+def _update_metrics(module, metrics_state, loss, labels, probabilities):
+    # Keras' metrics are stateful objects; a stateless scope lets them run on JAX values.
+    mapping = list(zip(module.metrics_variables, metrics_state))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        # Keras' own trainers feed the loss tracker this way (it has no public setter).
+        module._loss_tracker.update_state(loss, sample_weight=labels.shape[0])
+        logs = module.compute_metrics(None, labels, probabilities)
+    metrics_state = [scope.get_current_value(v) for v in module.metrics_variables]
+    return logs, metrics_state

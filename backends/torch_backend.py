@@ -1,0 +1,79 @@
+"""PyTorch: a loss.backward() step under zero_grad(), as in keras.io's "Customizing what
+happens in fit() with PyTorch". Runs eagerly (torch.compile only with jit_compile)."""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "torch"
+
+
+# ---------------------------------------------------------------------- environment
+
+
+def configure(deterministic: bool = False) -> None:
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return "cpu"
+
+
+def versions() -> dict:
+    return {"torch": torch.__version__}
+
+
+def synchronize(value=None) -> None:
+    # CUDA kernels run asynchronously: wait for them before reading a clock.
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_device_memory_mb() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+# ---------------------------------------------------------------------- steps
+
+
+def train_step(module, data):
+    images, labels = data[0], data[1]
+
+    # Forward pass
+    module.zero_grad()
+    loss, probabilities, _ = module.training_step((images, labels))
+
+    # Compute gradients
+    loss.backward()
+    gradients = [variable.value.grad for variable in module.trainable_variables]
+
+    # Update weights
+    with torch.no_grad():
+        module.optimizer.apply(gradients, module.trainable_variables)
+
+    # Update metrics
+    return _update_metrics(module, loss, labels, probabilities)
+
+
+def test_step(module, data):
+    images, labels = data[0], data[1]
+
+    # Forward pass
+    with torch.no_grad():
+        loss, probabilities, _ = module._common_step((images, labels), "test")
+
+    # Update metrics
+    return _update_metrics(module, loss, labels, probabilities)
+
+
+def _update_metrics(module, loss, labels, probabilities):
+    # Keras' own trainers feed the loss tracker this way (it has no public setter).
+    module._loss_tracker.update_state(loss.detach(), sample_weight=labels.shape[0])
+    return module.compute_metrics(None, labels, probabilities.detach())

@@ -1,0 +1,87 @@
+"""Checkpoints a user can trust: written atomically, loaded only in safe mode.
+
+A checkpoint is written to a temporary file in the same folder (keeping the `.keras`
+suffix Keras requires) and moved over the old one with `os.replace`, so a process
+killed at any moment leaves either the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written or loaded; the message says why."""
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call write(temp_path) and then move temp_path over path atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp" + path.suffix)
+    os.close(descriptor)
+    temp = Path(temp_name)
+    try:
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def save_model(model, path: str | os.PathLike) -> Path:
+    """model.save() to `path` atomically."""
+    return atomic_write(path, lambda temp: model.save(temp))
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    text = json.dumps(payload, indent=2, sort_keys=False, default=float) + "\n"
+    return atomic_write(path, lambda temp: temp.write_text(text))
+
+
+def load_model(path: str | os.PathLike):
+    """Load a .keras file with safe_mode=True, turning every failure into one clear line."""
+    import keras
+
+    import model.module  # noqa: F401  (registers CNNModule and TiledMaxPooling2D)
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is not a .keras zip archive (truncated, or not a Keras model)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointError(f"checkpoint {path} is damaged ({error})") from None
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged (bad CRC in {damaged})")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:
+        message = " ".join(str(error).split())
+        if "Lambda" in message or "safe_mode" in message:
+            raise CheckpointError(
+                f"refused to load {path}: it contains a Lambda layer (arbitrary code), which safe mode does not run"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({type(error).__name__}: {message[:300]})") from None

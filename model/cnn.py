@@ -1,0 +1,95 @@
+"""The one definition of the MNIST CNN, written only against `keras` and `keras.ops`.
+
+Input(28,28,1) -> Conv2D(32,3,relu) -> MaxPooling2D(2) -> Flatten -> Dense(128,relu)
+-> Dense(10,softmax): 693,962 parameters, the same network as the Keras 2 original.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+POOLINGS = ("fast", "stock")
+
+
+@keras.saving.register_keras_serializable(package="mnist_cnn")
+class TiledMaxPooling2D(keras.layers.Layer):
+    """2x2/stride-2 max pooling over an exactly tiled input, as reshape + max.
+
+    Same forward values as `keras.layers.MaxPooling2D(2)` when height and width
+    are even. It exists because the stock layer's gradient is slow on CPU: XLA:CPU
+    lowers it to `select_and_scatter`, a scalar loop nest, and torch's NCHW
+    max-pool backward is memory bound. A reduce-max over a reshaped view is
+    differentiated by every framework as a cheap compare-and-mask.
+    """
+
+    def __init__(self, pool_size: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = int(pool_size)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        p = self.pool_size
+        return (batch, None if height is None else height // p, None if width is None else width // p, channels)
+
+    def build(self, input_shape):
+        _, height, width, _ = input_shape
+        p = self.pool_size
+        if height is not None and height % p or width is not None and width % p:
+            raise ValueError(
+                f"TiledMaxPooling2D needs height and width divisible by pool_size={p}. "
+                f"Received: input_shape={tuple(input_shape)}; use keras.layers.MaxPooling2D instead."
+            )
+
+    def call(self, inputs):
+        p = self.pool_size
+        _, height, width, channels = inputs.shape
+        tiles = ops.reshape(inputs, (-1, height // p, p, width // p, p, channels))
+        return ops.max(tiles, axis=(2, 4))
+
+    def get_config(self):
+        return {**super().get_config(), "pool_size": self.pool_size}
+
+
+def build_cnn(pooling: str = "fast") -> keras.Model:
+    """Build the CNN. `pooling="stock"` uses keras.layers.MaxPooling2D; "fast" the
+    numerically identical TiledMaxPooling2D (see its docstring)."""
+    if pooling == "fast":
+        pool = TiledMaxPooling2D(2, name="max_pooling2d")
+    elif pooling == "stock":
+        pool = keras.layers.MaxPooling2D(2, name="max_pooling2d")
+    else:
+        raise ValueError(f"Unsupported pooling. Received: pooling={pooling!r}; valid: {', '.join(POOLINGS)}")
+    return keras.Sequential(
+        [
+            keras.Input(INPUT_SHAPE, name="image"),
+            keras.layers.Conv2D(32, 3, activation="relu", name="conv2d"),
+            pool,
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(128, activation="relu", name="dense"),
+            keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities"),
+        ],
+        name="mnist_cnn",
+    )
+
+
+def seeded_weights(network: keras.Model, seed: int) -> list:
+    """Initial weights drawn with numpy, so every backend starts from the same numbers
+    (Keras' own initializers draw differently per backend). Kernels follow Keras'
+    glorot_uniform, limit sqrt(6 / (fan_in + fan_out)); biases are zero."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    weights = []
+    for variable in network.weights:
+        shape = tuple(variable.shape)
+        if len(shape) == 1:
+            weights.append(np.zeros(shape, dtype="float32"))
+            continue
+        receptive_field = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        fan_in, fan_out = shape[-2] * receptive_field, shape[-1] * receptive_field
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        weights.append(rng.uniform(-limit, limit, size=shape).astype("float32"))
+    return weights

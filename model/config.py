@@ -1,0 +1,55 @@
+"""Defaults for a training run, in one place.
+
+`train.py` builds its flags from these values and the library functions take a
+`TrainConfig`; nothing else in the project hard-codes a hyper-parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+BACKENDS = ("jax", "tensorflow", "torch")
+STEPS = ("keras", "native")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 128
+    # Peak Adam learning rate; it decays to zero along a cosine over the whole run.
+    lr: float = 2e-3
+    seed: int = 0
+    # Held out from the 60,000 training images with a seeded permutation.
+    validation_size: int = 5000
+    # Training-time augmentation: each epoch, every image moves by a random whole
+    # number of pixels in [-shift, shift] on each axis. 0 turns it off.
+    shift_pixels: int = 2
+    # Lightning-style quick-check knobs.
+    limit_train_batches: int | None = None
+    dry_run: bool = False
+    # "keras": Keras' built-in train_step; "native": the backends/ step.
+    step: str = "keras"
+    # "fast": the reshape+max pooling layer; "stock": keras.layers.MaxPooling2D.
+    pooling: str = "fast"
+    data: str | None = None
+    output_dir: str = "runs/latest"
+    resume: bool = False
+    # Whether steps are compiled (XLA for JAX/TF); None lets each backend use its fastest.
+    jit_compile: bool | None = None
+
+    # A dry run is "a few batches, one epoch".
+    DRY_RUN_BATCHES = 5
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def effective(self) -> "TrainConfig":
+        """The config the run really uses once --dry-run has been applied."""
+        if self.dry_run:
+            limit = self.limit_train_batches or self.DRY_RUN_BATCHES
+            return self.replace(epochs=1, limit_train_batches=min(limit, self.DRY_RUN_BATCHES))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

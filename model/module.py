@@ -1,0 +1,111 @@
+"""The module role: the CNN, what one step does, and its optimizer.
+
+`CNNModule` is a `keras.Model` that wraps `build_cnn()`. Its Lightning-style steps
+(`training_step`, `validation_step`, `test_step`, `predict_step`) share
+`_common_step(batch, stage)`, which returns the loss and logs `f"{stage}_loss"` and
+`f"{stage}_accuracy"`. Keras' `fit` drives it: with `step="keras"` Keras' built-in
+train step runs; with `step="native"` the backend's own step from `backends/` does.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from model.cnn import build_cnn
+from model.config import STEPS
+
+STAGES = ("train", "val", "test")
+
+
+@keras.saving.register_keras_serializable(package="mnist_cnn")
+class CNNModule(keras.Model):
+    def __init__(self, lr: float = 1e-3, decay_steps: int = 0, pooling: str = "fast", step: str = "keras", **kwargs):
+        super().__init__(**kwargs)
+        if step not in STEPS:
+            raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
+        self.lr = float(lr)
+        self.decay_steps = int(decay_steps)
+        self.pooling = pooling
+        self.step = step
+        self.network = build_cnn(pooling)
+
+    def call(self, images, training=False):
+        return self.network(images, training=training)
+
+    def build(self, input_shape=None):
+        # The wrapped network is built on construction; nothing else holds weights.
+        self.built = True
+
+    # ------------------------------------------------------------------ optimizer
+
+    def configure_optimizers(self) -> keras.optimizers.Optimizer:
+        """Adam; with decay_steps > 0 the learning rate follows a cosine from lr to 0."""
+        learning_rate = self.lr
+        if self.decay_steps > 0:
+            learning_rate = keras.optimizers.schedules.CosineDecay(self.lr, self.decay_steps)
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+
+    def configure(self, jit_compile="auto", steps_per_execution: int = 1) -> "CNNModule":
+        """Compile with this module's optimizer, loss and accuracy metric."""
+        self.compile(
+            optimizer=self.configure_optimizers(),
+            loss=keras.losses.SparseCategoricalCrossentropy(),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            jit_compile=jit_compile,
+            steps_per_execution=steps_per_execution,
+        )
+        return self
+
+    # ------------------------------------------------------------------ steps
+
+    def _common_step(self, batch, stage: str, probabilities=None):
+        """(loss, probabilities, logs) of one batch. `probabilities` may be passed in by a
+        caller that ran the forward pass itself (the stateless JAX step)."""
+        if stage not in STAGES:
+            raise ValueError(f"Unsupported stage. Received: stage={stage!r}; valid: {', '.join(STAGES)}")
+        images, labels = batch
+        if probabilities is None:
+            probabilities = self(images, training=stage == "train")
+        loss = ops.mean(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
+        hits = ops.equal(ops.argmax(probabilities, axis=-1), ops.cast(labels, "int32"))
+        accuracy = ops.mean(ops.cast(hits, "float32"))
+        return loss, probabilities, {f"{stage}_loss": loss, f"{stage}_accuracy": accuracy}
+
+    def training_step(self, batch, probabilities=None):
+        return self._common_step(batch, "train", probabilities)
+
+    def validation_step(self, batch):
+        return self._common_step(batch, "val")[2]
+
+    def test_step(self, *args):
+        """Keras calls this once per evaluation batch: (data) on TF/torch, (state, data)
+        on JAX. The native step runs `_common_step(batch, "test")`."""
+        if self.step == "keras":
+            return super().test_step(*args)
+        from backends import native_test_step
+
+        return native_test_step(self, *args)
+
+    def predict_step(self, *args):
+        # Keras' own: a forward pass with training=False, stateless on JAX.
+        return super().predict_step(*args)
+
+    def train_step(self, *args):
+        """Keras calls this once per batch: (data) on TF/torch, (state, data) on JAX."""
+        if self.step == "keras":
+            return super().train_step(*args)
+        from backends import native_train_step
+
+        return native_train_step(self, *args)
+
+    # ------------------------------------------------------------------ saving
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "decay_steps": self.decay_steps,
+            "pooling": self.pooling,
+            "step": self.step,
+        }

@@ -1,0 +1,86 @@
+"""Choosing the Keras backend, and describing the machine a run happens on.
+
+A process holds one backend for its life: `select_backend` must run before keras is
+imported. Nothing here imports keras at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from model.config import BACKENDS
+
+# The import that proves a backend's framework is installed, and the extra that installs it.
+FRAMEWORK_IMPORTS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
+
+
+class UsageError(Exception):
+    """Bad input from the user; the message is one line and says what to do."""
+
+
+def configured_backend() -> tuple[str, str]:
+    """(backend, where it came from), as Keras itself would decide it."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"], "KERAS_BACKEND"
+    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    config_file = keras_home / "keras.json"
+    try:
+        backend = json.loads(config_file.read_text()).get("backend")
+    except (OSError, ValueError):
+        backend = None
+    if backend:
+        return backend, str(config_file)
+    return "tensorflow", "Keras' default"
+
+
+def select_backend(requested: str | None = None) -> str:
+    """Fix the Keras backend for this process (before keras is imported) and check that
+    its framework is installed. Raises UsageError with a one-line fix otherwise."""
+    backend, origin = (requested, "--backend") if requested else configured_backend()
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r} (from {origin}); valid backends: {', '.join(BACKENDS)}")
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend:
+            raise UsageError(f"keras is already running on {keras.backend.backend()!r}; start a new process for {backend!r}")
+    if importlib.util.find_spec(FRAMEWORK_IMPORTS[backend]) is None:
+        raise UsageError(
+            f"backend {backend!r} is not installed; install it with: pip install -c constraints.txt '.[{backend}]'"
+        )
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_runtime() -> dict:
+    """Backend, device and versions of this process (imports keras and the backend)."""
+    import keras
+    import numpy
+
+    from backends import backend_module
+
+    backend = backend_module()
+    versions = {"python": platform.python_version(), "keras": keras.__version__, "numpy": numpy.__version__}
+    versions.update(backend.versions())
+    return {
+        "backend": keras.backend.backend(),
+        "device": backend.device_name(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+    }

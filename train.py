@@ -1,0 +1,95 @@
+"""Train and evaluate the MNIST CNN on one Keras backend.
+
+    KERAS_BACKEND=jax python train.py            # or: python train.py --backend jax
+    python train.py --dry-run                    # a few batches, one epoch
+
+The work happens in model.training.train_and_evaluate; this file only parses flags,
+fixes the backend before keras is imported, and turns known failures into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model.config import BACKENDS, STEPS, TrainConfig
+from model.runtime import UsageError, select_backend
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backend", help="Keras backend, one of " + ", ".join(BACKENDS)
+                        + " (default: $KERAS_BACKEND, else keras.json, else tensorflow)")
+    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="epochs to train")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="training batch size")
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="peak Adam learning rate (cosine decay to 0)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for weights, split, order and augmentation")
+    parser.add_argument("--output-dir", default=defaults.output_dir, help="where model.keras, run.json, curves.png go")
+    parser.add_argument("--limit-train-batches", type=positive_int, default=defaults.limit_train_batches,
+                        metavar="N", help="train on at most N batches per epoch")
+    parser.add_argument("--dry-run", action="store_true", help="quick check: one epoch of a few batches")
+    parser.add_argument("--data", default=defaults.data, metavar="PATH",
+                        help="mnist.npz or a folder of IDX files (default: $MNIST_PATH, cache, download)")
+    parser.add_argument("--step", choices=STEPS, default=defaults.step,
+                        help="Keras' built-in train step or the backends/ native one")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.keras")
+    parser.add_argument("--pooling", choices=("fast", "stock"), default=defaults.pooling,
+                        help="max-pool layer: reshape+max (fast) or keras.layers.MaxPooling2D (stock)")
+    parser.add_argument("--shift-pixels", type=int, choices=range(0, 5), default=defaults.shift_pixels, metavar="{0..4}",
+                        help="random-shift augmentation in pixels (0 turns it off)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        select_backend(args.backend)
+    except UsageError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+
+    from model.checkpoint import CheckpointError
+    from model.data import MnistDataError
+    from model.trainer import NonFiniteLossError
+    from model.training import train_and_evaluate
+
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
+        limit_train_batches=args.limit_train_batches, dry_run=args.dry_run, data=args.data, step=args.step,
+        resume=args.resume, pooling=args.pooling, shift_pixels=args.shift_pixels,
+    )
+    try:
+        train_and_evaluate(config)
+    except UsageError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    except (MnistDataError, CheckpointError, NonFiniteLossError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
