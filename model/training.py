@@ -60,6 +60,9 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
 
 def train_and_evaluate(config: TrainConfig, log=print) -> dict:
     """Train and test one CNN as `config` says; returns what run.json holds."""
+    config = config.effective()
+    output_dir = check_output_dir(config.output_dir)  # before seconds of imports
+
     import keras
 
     from backends import backend_module
@@ -70,8 +73,6 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
     from model.runtime import describe_runtime
     from model.trainer import Trainer
 
-    config = config.effective()
-    output_dir = check_output_dir(config.output_dir)
     runtime = describe_runtime()
     log(f"backend {runtime['backend']} | device {runtime['device']} | "
         + " ".join(f"{name} {version}" for name, version in runtime["versions"].items()))

@@ -1,0 +1,44 @@
+"""Running the project's code in a subprocess that holds one Keras backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def require_backend(backend: str) -> None:
+    """Skip, with the reason, when a backend's framework is not installed."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed (pip install -c constraints.txt '.[{backend}]')")
+
+
+def backend_env(backend: str, **extra) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.update({key: str(value) for key, value in extra.items()})
+    return env
+
+
+def run_python(args, backend: str | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    env = backend_env(backend) if backend else {**os.environ}
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def run_backend_checks(backend: str, workdir: Path, checks: list[str], timeout: float = 600) -> dict:
+    """Run tests/backend_checks.py under `backend`; returns {check: value}, failing the
+    test with the subprocess's traceback if a check raised."""
+    out = workdir / "results.json"
+    result = run_python([REPO / "tests" / "backend_checks.py", out, workdir, *checks], backend, timeout=timeout)
+    if not out.exists():
+        raise AssertionError(f"backend_checks under {backend} wrote nothing (rc={result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(out.read_text())

@@ -1,0 +1,84 @@
+"""The CNN, a short real training run and train.py end to end, on every backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import BACKENDS, REPO, require_backend, run_backend_checks, run_python
+
+CHECKS = ["architecture", "short_training"]
+EXPECTED_LAYERS = [
+    ["conv2d", [26, 26, 32], 320],
+    ["max_pooling2d", [13, 13, 32], 0],
+    ["flatten", [5408], 0],
+    ["dense", [128], 692352],
+    ["probabilities", [10], 1290],
+]
+
+
+@pytest.fixture(scope="session")
+def backend_results(tmp_path_factory):
+    """backend -> {check: result}, each backend's checks run once in one subprocess."""
+    cache = {}
+
+    def results(backend: str) -> dict:
+        require_backend(backend)
+        if backend not in cache:
+            cache[backend] = run_backend_checks(backend, tmp_path_factory.mktemp(f"checks-{backend}"), CHECKS)
+        return cache[backend]
+
+    return results
+
+
+def value_of(results: dict, name: str):
+    entry = results[name]
+    assert entry["ok"], f"check {name} raised:\n{entry['error']}"
+    return entry["value"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_shapes_and_parameter_counts(backend, backend_results):
+    architecture = value_of(backend_results(backend), "architecture")
+    for pooling in ("fast", "stock"):
+        assert architecture[pooling]["layers"] == EXPECTED_LAYERS, pooling
+        assert architecture[pooling]["total_params"] == 693_962, pooling
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_training_on_real_mnist_learns(backend, backend_results):
+    run = value_of(backend_results(backend), "short_training")
+    assert run["steps"] == 64
+    # From the same numpy-seeded weights: chance level (~2.30) before, well below after.
+    assert run["test_loss_before"] > 2.0
+    assert run["test_loss_after"] < 0.5 * run["test_loss_before"]
+    assert run["train_loss_per_epoch"][1] < run["train_loss_per_epoch"][0]
+    # 64 steps of 128 images reach about 0.9 on all 10,000 test images; 0.85 leaves margin.
+    assert run["test_accuracy_after"] > 0.85
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_py_dry_run_writes_model_run_json_and_curves(backend, tmp_path):
+    require_backend(backend)
+    output = tmp_path / "run"
+    result = run_python(["train.py", "--dry-run", "--output-dir", output], backend, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"backend {backend}" in result.stdout
+    assert "test accuracy" in result.stdout
+    run = json.loads((output / "run.json").read_text())
+    for key in ("backend", "device", "versions", "config", "history", "test_accuracy", "test_loss",
+                "epoch_seconds", "step_ms_median"):
+        assert key in run, key
+    assert run["backend"] == backend
+    assert run["config"]["epochs"] == 1 and run["config"]["limit_train_batches"] == 5
+    assert len(run["history"]) == 1 and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(run["history"][0])
+    assert 0.0 <= run["test_accuracy"] <= 1.0
+    assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # model.keras loads back in safe mode and predicts 10 probabilities per image.
+    check = run_python(["-c", (
+        "import sys, numpy as np; from model.checkpoint import load_model; "
+        f"m = load_model({str(output / 'model.keras')!r}); "
+        "p = np.asarray(m.predict(np.zeros((2, 28, 28, 1), 'float32'), verbose=0)); "
+        "assert p.shape == (2, 10) and abs(p.sum(1) - 1).max() < 1e-5, p; print('ok', m.count_params())")], backend)
+    assert check.returncode == 0 and "ok 693962" in check.stdout, check.stderr[-3000:]
