@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except (MnistDataError, CheckpointError, NonFiniteLossError) as error:
+        print(flush=True)  # end Keras' progress-bar line, so the error gets a line of its own
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -82,6 +82,21 @@ def test_step(module, state, data):
     return logs, (trainable, non_trainable, metrics_state)
 
 
+def loss_and_gradients(module, batch):
+    """Loss of one training batch and the gradient of every trainable variable."""
+    trainable = [variable.value for variable in module.trainable_variables]
+    non_trainable = [variable.value for variable in module.non_trainable_variables]
+
+    # Forward pass
+    def compute_loss(trainable):
+        probabilities, _ = module.stateless_call(trainable, non_trainable, batch[0], training=True)
+        return module.training_step(batch, probabilities)[0]
+
+    # Compute gradients
+    loss, gradients = jax.value_and_grad(compute_loss)(trainable)
+    return loss, gradients
+
+
 def _update_metrics(module, metrics_state, loss, labels, probabilities):
     # Keras' metrics are stateful objects; a stateless scope lets them run on JAX values.
     mapping = list(zip(module.metrics_variables, metrics_state))

@@ -68,6 +68,18 @@ def test_step(module, data):
     return _update_metrics(module, loss, labels, probabilities)
 
 
+def loss_and_gradients(module, batch):
+    """Loss of one training batch and the gradient of every trainable variable."""
+
+    # Forward pass
+    with tf.GradientTape() as tape:
+        loss, _, _ = module.training_step(batch)
+
+    # Compute gradients
+    gradients = tape.gradient(loss, module.trainable_variables)
+    return loss, gradients
+
+
 def _update_metrics(module, loss, labels, probabilities):
     # Keras' own trainers feed the loss tracker this way (it has no public setter).
     module._loss_tracker.update_state(loss, sample_weight=tf.shape(labels)[0])

@@ -73,6 +73,19 @@ def test_step(module, data):
     return _update_metrics(module, loss, labels, probabilities)
 
 
+def loss_and_gradients(module, batch):
+    """Loss of one training batch and the gradient of every trainable variable."""
+
+    # Forward pass
+    module.zero_grad()
+    loss, _, _ = module.training_step(batch)
+
+    # Compute gradients
+    loss.backward()
+    gradients = [variable.value.grad for variable in module.trainable_variables]
+    return loss.detach(), gradients
+
+
 def _update_metrics(module, loss, labels, probabilities):
     # Keras' own trainers feed the loss tracker this way (it has no public setter).
     module._loss_tracker.update_state(loss.detach(), sample_weight=labels.shape[0])

@@ -48,6 +48,16 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Delete temp files that a process killed mid-write left in `folder`. Call it only
+    when no other process writes there (the trainer does, before it starts)."""
+    removed = []
+    for temp in Path(folder).glob(".*.tmp.*"):
+        temp.unlink(missing_ok=True)
+        removed.append(temp.name)
+    return removed
+
+
 def save_model(model, path: str | os.PathLike) -> Path:
     """model.save() to `path` atomically."""
     return atomic_write(path, lambda temp: model.save(temp))

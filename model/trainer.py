@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from model.checkpoint import CheckpointError, load_model, save_model, write_json
+from model.checkpoint import CheckpointError, load_model, remove_stale_temp_files, save_model, write_json
 from model.data import MNISTDataModule
 
 LAST_CHECKPOINT = "last.keras"
@@ -142,6 +142,8 @@ class Trainer:
         if self.limit_train_batches:
             datamodule.limit_train_batches = self.limit_train_batches
         initial_epoch, history, best = 0, [], None
+        if self.checkpoint_dir is not None:
+            remove_stale_temp_files(self.checkpoint_dir) if Path(self.checkpoint_dir).is_dir() else None
         if resume:
             module, initial_epoch, history, best = self._restore(datamodule)
         if not module.compiled:
@@ -173,6 +175,8 @@ class Trainer:
             raise CheckpointError("resume needs a checkpoint directory")
         directory = Path(self.checkpoint_dir)
         last = directory / LAST_CHECKPOINT
+        if not last.exists():
+            raise CheckpointError(f"nothing to resume: no checkpoint at {last}; run without --resume to start afresh")
         module = load_model(last)
         state = {}
         if (directory / TRAINER_STATE).is_file():

@@ -58,26 +58,16 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def train_and_evaluate(config: TrainConfig, log=print) -> dict:
-    """Train and test one CNN as `config` says; returns what run.json holds."""
-    config = config.effective()
-    output_dir = check_output_dir(config.output_dir)  # before seconds of imports
-
+def prepare_run(config: TrainConfig, arrays=None):
+    """(module, datamodule, trainer) exactly as train.py uses them; the benchmark's
+    keras-fit cells call this too, so they time the same code path."""
     import keras
 
-    from backends import backend_module
     from model.cnn import seeded_weights
-    from model.checkpoint import save_model, write_json
     from model.data import MNISTDataModule
     from model.module import CNNModule
-    from model.runtime import describe_runtime
     from model.trainer import Trainer
 
-    runtime = describe_runtime()
-    log(f"backend {runtime['backend']} | device {runtime['device']} | "
-        + " ".join(f"{name} {version}" for name, version in runtime["versions"].items()))
-
-    started = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
     datamodule = MNISTDataModule(
         batch_size=config.batch_size,
@@ -86,15 +76,34 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
         shift_pixels=config.shift_pixels,
         path=config.data,
         limit_train_batches=config.limit_train_batches,
-    ).setup()
-    log(f"data: {len(datamodule.x_train)} train, {len(datamodule.x_val)} validation, {len(datamodule.x_test)} test images; "
-        f"{datamodule.steps_per_epoch} steps of {config.batch_size} per epoch")
-
+    ).setup(arrays)
     module = CNNModule(lr=config.lr, decay_steps=config.epochs * datamodule.steps_per_epoch,
                        pooling=config.pooling, step=config.step)
+    # Weights drawn with numpy: every backend starts from the same numbers for a seed.
     module.network.set_weights(seeded_weights(module.network, config.seed))
     jit_compile = "auto" if config.jit_compile is None else config.jit_compile
-    trainer = Trainer(max_epochs=config.epochs, jit_compile=jit_compile, checkpoint_dir=output_dir / "checkpoints")
+    checkpoint_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
+    trainer = Trainer(max_epochs=config.epochs, jit_compile=jit_compile, checkpoint_dir=checkpoint_dir)
+    return module, datamodule, trainer
+
+
+def train_and_evaluate(config: TrainConfig, log=print) -> dict:
+    """Train and test one CNN as `config` says; returns what run.json holds."""
+    config = config.effective()
+    output_dir = check_output_dir(config.output_dir)  # before seconds of imports
+
+    from backends import backend_module
+    from model.checkpoint import save_model, write_json
+    from model.runtime import describe_runtime
+
+    runtime = describe_runtime()
+    log(f"backend {runtime['backend']} | device {runtime['device']} | "
+        + " ".join(f"{name} {version}" for name, version in runtime["versions"].items()))
+
+    started = time.perf_counter()
+    module, datamodule, trainer = prepare_run(config)
+    log(f"data: {len(datamodule.x_train)} train, {len(datamodule.x_val)} validation, {len(datamodule.x_test)} test images; "
+        f"{datamodule.steps_per_epoch} steps of {config.batch_size} per epoch")
     module = trainer.fit(module, datamodule, resume=config.resume)
     test = trainer.test(module, datamodule)
 

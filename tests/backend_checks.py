@@ -83,3 +83,142 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# ------------------------------------------------------------------------ issue 3 checks
+
+
+def _datamodule(**overrides):
+    from model.data import MNISTDataModule
+
+    settings = {"batch_size": 128, "seed": 0, "limit_train_batches": 20}
+    settings.update(overrides)
+    return MNISTDataModule(**settings).setup()
+
+
+def _module(step: str = "keras", seed: int = 0, **kwargs):
+    from model.cnn import seeded_weights
+    from model.module import CNNModule
+
+    module = CNNModule(step=step, **kwargs)
+    module.network.set_weights(seeded_weights(module.network, seed))
+    return module
+
+
+def _weights(module) -> list:
+    import keras
+
+    return [keras.ops.convert_to_numpy(v) for v in module.network.weights]
+
+
+def _save_arrays(path: Path, arrays) -> str:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, *[np.asarray(a, dtype="float32") for a in arrays])
+    return str(path)
+
+
+@check
+def equivalence(workdir: Path) -> dict:
+    """Dumps for the cross-backend comparisons: logits on 256 test images, one batch's
+    loss and gradients, weights after 20 Adam steps with Keras' step and the native one,
+    and a checkpoint with its predictions on all 10,000 test images."""
+    import keras
+    import numpy as np
+
+    from backends import backend_module
+    from model.checkpoint import save_model
+    from model.trainer import Trainer
+
+    backend = backend_module()
+    backend.configure(deterministic=True)
+    datamodule = _datamodule()
+    module = _module()
+    images = datamodule.x_test[:256]
+    hidden = keras.Model(module.network.inputs[0], module.network.get_layer("dense").output)(images)
+    kernel, bias = module.network.get_layer("probabilities").weights
+    logits = keras.ops.matmul(hidden, kernel) + bias
+    batch_images, batch_labels = next(datamodule.train_batches(0))
+    loss, gradients = backend.loss_and_gradients(module, (batch_images, batch_labels))
+    result = {
+        "logits": _save_arrays(workdir / "logits.npz", [keras.ops.convert_to_numpy(logits)]),
+        "loss": float(keras.ops.convert_to_numpy(loss)),
+        "gradients": _save_arrays(workdir / "gradients.npz", [keras.ops.convert_to_numpy(g) for g in gradients]),
+    }
+    for step in ("keras", "native"):
+        trained = Trainer(max_epochs=1, limit_train_batches=20, deterministic=True, verbose=0).fit(
+            _module(step=step, lr=1e-3), datamodule)
+        result[f"steps_{step}"] = int(keras.ops.convert_to_numpy(trained.optimizer.iterations))
+        result[f"weights_{step}"] = _save_arrays(workdir / f"weights_{step}.npz", _weights(trained))
+        if step == "keras":
+            checkpoint = save_model(trained, workdir / "checkpoint.keras")
+            result["checkpoint"] = str(checkpoint)
+            probabilities = Trainer().predict(trained, datamodule.x_test)
+            result["probabilities"] = _save_arrays(workdir / "probabilities.npz", [probabilities])
+    return result
+
+
+@check
+def load_checkpoints(workdir: Path) -> dict:
+    """Load each backend's checkpoint (paths in $CHECKPOINTS, a JSON map) and predict."""
+    import os
+
+    from model.checkpoint import load_model
+    from model.data import MNISTDataModule
+
+    datamodule = MNISTDataModule(batch_size=128, seed=0).setup()
+    result = {}
+    for saved_by, path in json.loads(os.environ["CHECKPOINTS"]).items():
+        module = load_model(path)
+        result[saved_by] = _save_arrays(workdir / f"from_{saved_by}.npz",
+                                        [module.predict(datamodule.x_test, batch_size=1000, verbose=0)])
+    return result
+
+
+class _StopAfterEpoch(__import__("keras").callbacks.Callback):
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            self.model.stop_training = True
+
+
+@check
+def checkpoint_safety(workdir: Path) -> dict:
+    """Resume equals an uninterrupted run; bad checkpoints give one clear error each."""
+    import keras
+    import numpy as np
+
+    from model.checkpoint import CheckpointError, load_model
+    from model.trainer import Trainer
+
+    datamodule = _datamodule(limit_train_batches=10)
+    uninterrupted = Trainer(max_epochs=3, checkpoint_dir=workdir / "straight", verbose=0).fit(
+        _module(lr=1e-3, decay_steps=30), datamodule)
+    interrupted = Trainer(max_epochs=3, checkpoint_dir=workdir / "resumed", callbacks=[_StopAfterEpoch(1)], verbose=0)
+    interrupted.fit(_module(lr=1e-3, decay_steps=30), datamodule)
+    resumer = Trainer(max_epochs=3, checkpoint_dir=workdir / "resumed", verbose=0)
+    resumed = resumer.fit(None, datamodule, resume=True)
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(_weights(uninterrupted), _weights(resumed)))
+
+    errors = {}
+    lambda_model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda x: x * 2)])
+    lambda_model.save(workdir / "lambda.keras")
+    whole = (workdir / "resumed" / "last.keras").read_bytes()
+    (workdir / "truncated.keras").write_bytes(whole[: len(whole) // 2])
+    (workdir / "text.keras").write_text("not a model")
+    for name in ("lambda.keras", "truncated.keras", "text.keras", "missing.keras"):
+        try:
+            load_model(workdir / name)
+            errors[name] = None
+        except CheckpointError as error:
+            errors[name] = str(error)
+    return {
+        "resume_max_weight_difference": difference,
+        "resumed_history_epochs": [h["epoch"] for h in resumer.history],
+        "resumed_steps": int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)),
+        "errors": errors,
+    }

@@ -34,11 +34,19 @@ def run_python(args, backend: str | None = None, timeout: float = 600, **kwargs)
                           timeout=timeout, **kwargs)
 
 
-def run_backend_checks(backend: str, workdir: Path, checks: list[str], timeout: float = 600) -> dict:
+def run_backend_checks(backend: str, workdir: Path, checks: list[str], timeout: float = 600, env=None) -> dict:
     """Run tests/backend_checks.py under `backend`; returns {check: value}, failing the
     test with the subprocess's traceback if a check raised."""
     out = workdir / "results.json"
-    result = run_python([REPO / "tests" / "backend_checks.py", out, workdir, *checks], backend, timeout=timeout)
+    result = run_python([REPO / "tests" / "backend_checks.py", out, workdir, *checks], backend, timeout=timeout,
+                        env=env or {})
     if not out.exists():
         raise AssertionError(f"backend_checks under {backend} wrote nothing (rc={result.returncode}):\n{result.stderr[-4000:]}")
     return json.loads(out.read_text())
+
+
+def check_value(results: dict, name: str):
+    """The value a backend check returned, or a test failure carrying its traceback."""
+    entry = results[name]
+    assert entry["ok"], f"check {name} raised:\n{entry['error']}"
+    return entry["value"]

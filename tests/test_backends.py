@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from tests.helpers import BACKENDS, REPO, require_backend, run_backend_checks, run_python
+from tests.helpers import BACKENDS, check_value, require_backend, run_python
 
-CHECKS = ["architecture", "short_training"]
 EXPECTED_LAYERS = [
     ["conv2d", [26, 26, 32], 320],
     ["max_pooling2d", [13, 13, 32], 0],
@@ -18,29 +17,9 @@ EXPECTED_LAYERS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def backend_results(tmp_path_factory):
-    """backend -> {check: result}, each backend's checks run once in one subprocess."""
-    cache = {}
-
-    def results(backend: str) -> dict:
-        require_backend(backend)
-        if backend not in cache:
-            cache[backend] = run_backend_checks(backend, tmp_path_factory.mktemp(f"checks-{backend}"), CHECKS)
-        return cache[backend]
-
-    return results
-
-
-def value_of(results: dict, name: str):
-    entry = results[name]
-    assert entry["ok"], f"check {name} raised:\n{entry['error']}"
-    return entry["value"]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_shapes_and_parameter_counts(backend, backend_results):
-    architecture = value_of(backend_results(backend), "architecture")
+    architecture = check_value(backend_results(backend), "architecture")
     for pooling in ("fast", "stock"):
         assert architecture[pooling]["layers"] == EXPECTED_LAYERS, pooling
         assert architecture[pooling]["total_params"] == 693_962, pooling
@@ -48,7 +27,7 @@ def test_layer_shapes_and_parameter_counts(backend, backend_results):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_short_training_on_real_mnist_learns(backend, backend_results):
-    run = value_of(backend_results(backend), "short_training")
+    run = check_value(backend_results(backend), "short_training")
     assert run["steps"] == 64
     # From the same numpy-seeded weights: chance level (~2.30) before, well below after.
     assert run["test_loss_before"] > 2.0

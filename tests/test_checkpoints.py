@@ -1,0 +1,91 @@
+"""Checkpoints a user can trust: resume, SIGKILL at random moments, NaN, unsafe files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import BACKENDS, REPO, backend_env, check_value, require_backend, run_python
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_after_interruption_matches_uninterrupted_run(backend, backend_results):
+    result = check_value(backend_results(backend), "checkpoint_safety")
+    print(f"resume on {backend}: max abs weight difference {result['resume_max_weight_difference']:.3g}")
+    assert result["resumed_steps"] == 30
+    assert result["resumed_history_epochs"] == [1, 2, 3]
+    assert result["resume_max_weight_difference"] <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_checkpoints_give_one_clear_error(backend, backend_results):
+    errors = check_value(backend_results(backend), "checkpoint_safety")["errors"]
+    assert "Lambda layer" in errors["lambda.keras"] and "safe mode" in errors["lambda.keras"]
+    assert "truncated.keras" in errors["truncated.keras"] and "not a .keras zip" in errors["truncated.keras"]
+    assert "not a .keras zip" in errors["text.keras"]
+    assert "does not exist" in errors["missing.keras"]
+    assert all("\n" not in message for message in errors.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backend, tmp_path):
+    """Kill a real training run several times, mid-epoch or mid-save; every checkpoint
+    left behind must load, and --resume must carry on from it."""
+    require_backend(backend)
+    output = tmp_path / "run"
+    # Two-batch epochs: the process spends much of its time writing checkpoints.
+    command = [sys.executable, "train.py", "--epochs", "200", "--limit-train-batches", "2", "--output-dir", str(output)]
+    rng = random.Random(f"kill-{backend}")
+    survivors = []
+    for attempt in range(4):
+        process = subprocess.Popen(command + (["--resume"] if (output / "checkpoints" / "last.keras").exists() else []),
+                                   cwd=REPO, env=backend_env(backend), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(8.0, 16.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+        checkpoints = output / "checkpoints"
+        for name in ("last.keras", "best.keras"):
+            if (checkpoints / name).exists():
+                copy = tmp_path / f"kill{attempt}-{name}"
+                copy.write_bytes((checkpoints / name).read_bytes())
+                survivors.append(str(copy))
+    assert survivors, "no checkpoint was written before the kills; the test did not exercise anything"
+    script = ("import sys, json; from model.checkpoint import load_model\n"
+              "for path in json.loads(sys.argv[1]): load_model(path)\nprint('loaded', len(json.loads(sys.argv[1])))")
+    loaded = run_python(["-c", script, json.dumps(survivors)], backend, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert f"loaded {len(survivors)}" in loaded.stdout
+    # --resume carries on from whatever the kills left (with --epochs 1 it only evaluates),
+    # and cleans up temp files a kill mid-save left behind.
+    resumed = run_python(["train.py", "--epochs", "1", "--limit-train-batches", "2", "--output-dir", output, "--resume"],
+                         backend, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "test accuracy" in resumed.stdout
+    assert not [p.name for p in (output / "checkpoints").iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(backend, tmp_path):
+    require_backend(backend)
+    output = tmp_path / "run"
+    good = run_python(["train.py", "--epochs", "1", "--limit-train-batches", "3", "--output-dir", output], backend,
+                      timeout=300)
+    assert good.returncode == 0, good.stderr[-2000:]
+    last = output / "checkpoints" / "last.keras"
+    before = last.read_bytes()
+    exploded = run_python(["train.py", "--lr", "1e30", "--epochs", "2", "--limit-train-batches", "30",
+                           "--output-dir", output], backend, timeout=300)
+    assert exploded.returncode == 1, exploded.stderr[-2000:]
+    assert "Traceback" not in exploded.stderr
+    errors = [line for line in exploded.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "at epoch 1, step" in errors[0] and ("nan" in errors[0] or "inf" in errors[0]), \
+        exploded.stderr[-2000:]
+    assert last.read_bytes() == before
