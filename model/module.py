@@ -29,12 +29,14 @@ class CNNModule(keras.Model):
         self.pooling = pooling
         self.step = step
         self.network = build_cnn(pooling)
+        # The wrapped network is built on construction and nothing else holds weights,
+        # so the module is usable at once (JAX's stateless_call insists on it).
+        self.built = True
 
     def call(self, images, training=False):
         return self.network(images, training=training)
 
     def build(self, input_shape=None):
-        # The wrapped network is built on construction; nothing else holds weights.
         self.built = True
 
     # ------------------------------------------------------------------ optimizer

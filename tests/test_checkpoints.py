@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -43,21 +42,32 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backend, tmp
     # Two-batch epochs: the process spends much of its time writing checkpoints.
     command = [sys.executable, "train.py", "--epochs", "200", "--limit-train-batches", "2", "--output-dir", str(output)]
     rng = random.Random(f"kill-{backend}")
+    checkpoints = output / "checkpoints"
     survivors = []
     for attempt in range(4):
-        process = subprocess.Popen(command + (["--resume"] if (output / "checkpoints" / "last.keras").exists() else []),
-                                   cwd=REPO, env=backend_env(backend), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(8.0, 16.0))
+        resume = ["--resume"] if (checkpoints / "last.keras").exists() else []
+        process = subprocess.Popen(command + resume, cwd=REPO, env=backend_env(backend),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Wait until this process has begun writing checkpoints, then kill it at a random
+        # moment: with two-batch epochs, that is often in the middle of a save.
+        started = time.monotonic()
+        state = checkpoints / "trainer_state.json"
+        baseline = state.stat().st_mtime_ns if state.exists() else 0
+        while time.monotonic() - started < 180 and process.poll() is None:
+            if state.exists() and state.stat().st_mtime_ns != baseline:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(rng.uniform(0.0, 2.0))
         process.send_signal(signal.SIGKILL)
         process.wait()
         assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
-        checkpoints = output / "checkpoints"
         for name in ("last.keras", "best.keras"):
             if (checkpoints / name).exists():
                 copy = tmp_path / f"kill{attempt}-{name}"
                 copy.write_bytes((checkpoints / name).read_bytes())
                 survivors.append(str(copy))
-    assert survivors, "no checkpoint was written before the kills; the test did not exercise anything"
+    assert len(survivors) >= 4, survivors
     script = ("import sys, json; from model.checkpoint import load_model\n"
               "for path in json.loads(sys.argv[1]): load_model(path)\nprint('loaded', len(json.loads(sys.argv[1])))")
     loaded = run_python(["-c", script, json.dumps(survivors)], backend, timeout=300)
