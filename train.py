@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.keras")
     parser.add_argument("--pooling", choices=("fast", "stock"), default=defaults.pooling,
                         help="max-pool layer: reshape+max (fast) or keras.layers.MaxPooling2D (stock)")
-    parser.add_argument("--shift-pixels", type=int, choices=range(0, 5), default=defaults.shift_pixels, metavar="{0..4}",
-                        help="random-shift augmentation in pixels (0 turns it off)")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="train without the random shift/rotation/zoom augmentation")
     return parser.parse_args(argv)
 
 
@@ -78,8 +78,10 @@ def main(argv=None) -> int:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
         limit_train_batches=args.limit_train_batches, dry_run=args.dry_run, data=args.data, step=args.step,
-        resume=args.resume, pooling=args.pooling, shift_pixels=args.shift_pixels,
+        resume=args.resume, pooling=args.pooling,
     )
+    if args.no_augment:
+        config = config.replace(shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0)
     try:
         train_and_evaluate(config)
     except UsageError as error:

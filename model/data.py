@@ -371,6 +371,46 @@ def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return moved[..., None] if squeeze else moved
 
 
+def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shifts: np.ndarray,
+                chunk: int = 4096) -> np.ndarray:
+    """Rotate (radians), scale and shift (pixels, may be fractional) each image about its
+    centre, sampling bilinearly with zero (background) fill. float32 (N,H,W,1) in and out."""
+    n, height, width = images.shape[:3]
+    out = np.empty((n, height, width, 1), dtype=np.float32)
+    # Output pixel p maps back to source q = R(-angle) (p - centre - shift) / scale + centre.
+    centre_y, centre_x = (height - 1) / 2.0, (width - 1) / 2.0
+    grid_y, grid_x = np.meshgrid(np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij")
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        cos = np.cos(angles[start:stop]).astype(np.float32)[:, None, None]
+        sin = np.sin(angles[start:stop]).astype(np.float32)[:, None, None]
+        inverse_scale = (1.0 / scales[start:stop]).astype(np.float32)[:, None, None]
+        dy = grid_y[None] - centre_y - shifts[start:stop, 0, None, None].astype(np.float32)
+        dx = grid_x[None] - centre_x - shifts[start:stop, 1, None, None].astype(np.float32)
+        source_y = (cos * dy + sin * dx) * inverse_scale + centre_y
+        source_x = (-sin * dy + cos * dx) * inverse_scale + centre_x
+        # One pixel of zero padding lets every bilinear neighbour be gathered unchecked.
+        padded = np.pad(images[start:stop, :, :, 0], ((0, 0), (1, 1), (1, 1)))
+        top = np.floor(source_y)
+        left = np.floor(source_x)
+        weight_y = source_y - top
+        weight_x = source_x - left
+        # Flat indices into the padded chunk: one np.take per neighbour is much cheaper
+        # than 3-D fancy indexing.
+        row = np.clip(top.astype(np.int32) + 1, 0, height)
+        column = np.clip(left.astype(np.int32) + 1, 0, width)
+        stride = width + 2
+        flat = (np.arange(stop - start, dtype=np.int32) * (height + 2) * stride)[:, None, None] + row * stride + column
+        pixels = padded.ravel()
+        top_left, top_right = np.take(pixels, flat), np.take(pixels, flat + 1)
+        bottom_left, bottom_right = np.take(pixels, flat + stride), np.take(pixels, flat + stride + 1)
+        value = ((1 - weight_y) * ((1 - weight_x) * top_left + weight_x * top_right)
+                 + weight_y * ((1 - weight_x) * bottom_left + weight_x * bottom_right))
+        inside = (source_y > -1) & (source_y < height) & (source_x > -1) & (source_x < width)
+        out[start:stop, :, :, 0] = np.where(inside, value, 0.0)
+    return out
+
+
 @dataclass
 class MNISTDataModule:
     """The data-module role: a seeded train/validation split, per-epoch shuffling and
@@ -380,7 +420,9 @@ class MNISTDataModule:
     batch_size: int = 128
     validation_size: int = 5000
     seed: int = 0
-    shift_pixels: int = 2
+    shift_pixels: float = 2
+    rotation_degrees: float = 0.0
+    zoom: float = 0.0
     path: str | None = None
     limit_train_batches: int | None = None
 
@@ -406,14 +448,22 @@ class MNISTDataModule:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.x_train))
 
     def epoch_shifts(self, epoch: int) -> np.ndarray:
-        s = self.shift_pixels
+        s = int(self.shift_pixels)
         rng = np.random.default_rng([self.seed, epoch, 1])
         return rng.integers(-s, s + 1, size=(len(self.x_train), 2)) if s else np.zeros((len(self.x_train), 2), int)
 
     def train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole (shuffled, augmented, limited) training data of one epoch."""
         order = self.epoch_order(epoch)[: self.steps_per_epoch * self.batch_size]
-        images = shift_images(self.x_train[order], self.epoch_shifts(epoch)[: len(order)])
+        if self.rotation_degrees or self.zoom:
+            rng = np.random.default_rng([self.seed, epoch, 2])
+            count = len(self.x_train)
+            angles = np.deg2rad(rng.uniform(-self.rotation_degrees, self.rotation_degrees, count))
+            scales = rng.uniform(1.0 - self.zoom, 1.0 + self.zoom, count)
+            shifts = rng.uniform(-self.shift_pixels, self.shift_pixels, (count, 2))
+            images = warp_images(self.x_train[order], angles[: len(order)], scales[: len(order)], shifts[: len(order)])
+        else:
+            images = shift_images(self.x_train[order], self.epoch_shifts(epoch)[: len(order)])
         return images, self.y_train[order]
 
     def train_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

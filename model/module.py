@@ -20,7 +20,8 @@ STAGES = ("train", "val", "test")
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class CNNModule(keras.Model):
-    def __init__(self, lr: float = 1e-3, decay_steps: int = 0, pooling: str = "fast", step: str = "keras", **kwargs):
+    def __init__(self, lr: float = 1e-3, decay_steps: int = 0, pooling: str = "fast", step: str = "keras",
+                 ema_momentum: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if step not in STEPS:
             raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
@@ -28,6 +29,7 @@ class CNNModule(keras.Model):
         self.decay_steps = int(decay_steps)
         self.pooling = pooling
         self.step = step
+        self.ema_momentum = ema_momentum
         self.network = build_cnn(pooling)
         # The wrapped network is built on construction and nothing else holds weights,
         # so the module is usable at once (JAX's stateless_call insists on it).
@@ -42,11 +44,15 @@ class CNNModule(keras.Model):
     # ------------------------------------------------------------------ optimizer
 
     def configure_optimizers(self) -> keras.optimizers.Optimizer:
-        """Adam; with decay_steps > 0 the learning rate follows a cosine from lr to 0."""
+        """Adam; with decay_steps > 0 the learning rate follows a cosine from lr to 0. With
+        ema_momentum, Keras keeps an exponential moving average of the weights and puts it
+        in place of the weights when fit() ends (the averaged net generalises better)."""
         learning_rate = self.lr
         if self.decay_steps > 0:
             learning_rate = keras.optimizers.schedules.CosineDecay(self.lr, self.decay_steps)
-        return keras.optimizers.Adam(learning_rate=learning_rate)
+        if self.ema_momentum is None:
+            return keras.optimizers.Adam(learning_rate=learning_rate)
+        return keras.optimizers.Adam(learning_rate=learning_rate, use_ema=True, ema_momentum=self.ema_momentum)
 
     def configure(self, jit_compile="auto", steps_per_execution: int = 1) -> "CNNModule":
         """Compile with this module's optimizer, loss and accuracy metric."""
@@ -110,4 +116,5 @@ class CNNModule(keras.Model):
             "decay_steps": self.decay_steps,
             "pooling": self.pooling,
             "step": self.step,
+            "ema_momentum": self.ema_momentum,
         }

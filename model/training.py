@@ -74,11 +74,13 @@ def prepare_run(config: TrainConfig, arrays=None):
         validation_size=config.validation_size,
         seed=config.seed,
         shift_pixels=config.shift_pixels,
+        rotation_degrees=config.rotation_degrees,
+        zoom=config.zoom,
         path=config.data,
         limit_train_batches=config.limit_train_batches,
     ).setup(arrays)
     module = CNNModule(lr=config.lr, decay_steps=config.epochs * datamodule.steps_per_epoch,
-                       pooling=config.pooling, step=config.step)
+                       pooling=config.pooling, step=config.step, ema_momentum=config.ema_momentum)
     # Weights drawn with numpy: every backend starts from the same numbers for a seed.
     module.network.set_weights(seeded_weights(module.network, config.seed))
     jit_compile = "auto" if config.jit_compile is None else config.jit_compile

@@ -61,7 +61,12 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
 
 
 def test_help_states_defaults():
+    from model.config import TrainConfig
+
+    defaults = TrainConfig()
     result = run_python(["train.py", "--help"], timeout=60)
     assert result.returncode == 0
-    for flag, default in [("--epochs", "15"), ("--batch-size", "128"), ("--seed", "0"), ("--lr", "0.002")]:
+    assert defaults.batch_size == 128
+    for flag, default in [("--epochs", defaults.epochs), ("--batch-size", defaults.batch_size),
+                          ("--seed", defaults.seed), ("--lr", defaults.lr)]:
         assert flag in result.stdout and f"(default: {default})" in " ".join(result.stdout.split()), flag

@@ -1,0 +1,119 @@
+"""Test accuracy of the default train.py recipe: 3 seeds on every backend.
+
+    python benchmarks/accuracy.py                       # 3 seeds x 3 backends, sequentially
+    python benchmarks/accuracy.py --seeds 0 --backends jax --epochs 1   # a quick look
+
+Each run is `train.py --backend B --seed S` in its own process (one backend per process),
+run one after another so they do not compete for cores. Writes
+benchmarks/results/<machine>/accuracy-<UTC time>.json with
+`runs: [{backend, seed, test_accuracy, epochs, wall_s, ...}]` and the mean per backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import commit_info, describe_machine, machine_slug, package_versions  # noqa: E402
+from model.checkpoint import write_json  # noqa: E402
+from model.config import BACKENDS, TrainConfig  # noqa: E402
+
+
+def comma_list(kind, choices=None):
+    def parse(text: str):
+        try:
+            values = [kind(item) for item in text.split(",") if item]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+        bad = [v for v in values if choices and v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"got {text!r}; valid: {', '.join(map(str, choices or []))}")
+        return values
+
+    return parse
+
+
+def run_one(backend: str, seed: int, epochs: int | None, workdir: Path) -> dict:
+    output = workdir / f"{backend}-seed{seed}"
+    command = [sys.executable, str(REPO / "train.py"), "--backend", backend, "--seed", str(seed),
+               "--output-dir", str(output)]
+    if epochs:
+        command += ["--epochs", str(epochs)]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"backend": backend, "seed": seed, "status": "failed", "reason": reason, "wall_s": wall}
+    run = json.loads((output / "run.json").read_text())
+    return {
+        "backend": backend,
+        "seed": seed,
+        "status": "ok",
+        "test_accuracy": run["test_accuracy"],
+        "test_loss": run["test_loss"],
+        "epochs": run["config"]["epochs"],
+        "wall_s": wall,
+        "step_ms_median": run["step_ms_median"],
+        "device": run["device"],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backends", type=comma_list(str, BACKENDS), default=list(BACKENDS), help="backends to run")
+    parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="seeds to run")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"override the recipe's epochs (default: the recipe's {TrainConfig().epochs})")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="where the JSON goes (default: benchmarks/results/<machine>/)")
+    args = parser.parse_args(argv)
+
+    machine = describe_machine()
+    output_dir = args.output_dir or REPO / "benchmarks" / "results" / machine_slug(machine)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = output_dir / f"accuracy-{stamp}.json"
+    runs = []
+    total = len(args.backends) * len(args.seeds)
+    with tempfile.TemporaryDirectory(prefix="accuracy-") as workdir:
+        for backend in args.backends:
+            for seed in args.seeds:
+                print(f"[{len(runs) + 1}/{total}] {backend} seed {seed} ...", flush=True)
+                run = run_one(backend, seed, args.epochs, Path(workdir))
+                runs.append(run)
+                shown = f"{run['test_accuracy']:.4f}" if run["status"] == "ok" else f"failed: {run['reason']}"
+                print(f"    test accuracy {shown} in {run['wall_s']:.0f} s", flush=True)
+    summary = {}
+    for backend in args.backends:
+        accuracies = [r["test_accuracy"] for r in runs if r["backend"] == backend and r["status"] == "ok"]
+        if accuracies:
+            summary[backend] = {"mean_test_accuracy": sum(accuracies) / len(accuracies), "runs": len(accuracies),
+                                "min": min(accuracies), "max": max(accuracies)}
+    write_json(path, {
+        "machine": machine,
+        "commit": commit_info(),
+        "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "recipe": {**TrainConfig().to_dict(), **({"epochs": args.epochs} if args.epochs else {})},
+        "runs": runs,
+        "summary": summary,
+    })
+    print("\n| backend | seeds | mean test accuracy | min | max |\n| --- | --- | --- | --- | --- |")
+    for backend, row in summary.items():
+        print(f"| {backend} | {row['runs']} | {row['mean_test_accuracy']:.4f} | {row['min']:.4f} | {row['max']:.4f} |")
+    print(f"\nwrote {path}")
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
