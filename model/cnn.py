@@ -16,13 +16,16 @@ POOLINGS = ("fast", "stock")
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class TiledMaxPooling2D(keras.layers.Layer):
-    """2x2/stride-2 max pooling over an exactly tiled input, as reshape + max.
+    """2x2/stride-2 max pooling over an exactly tiled input, written so that every
+    backend gets its fastest correct formulation.
 
-    Same forward values as `keras.layers.MaxPooling2D(2)` when height and width
-    are even. It exists because the stock layer's gradient is slow on CPU: XLA:CPU
-    lowers it to `select_and_scatter`, a scalar loop nest, and torch's NCHW
-    max-pool backward is memory bound. A reduce-max over a reshaped view is
-    differentiated by every framework as a cheap compare-and-mask.
+    Same forward values as `keras.layers.MaxPooling2D(2)` when height and width are
+    even (tested). Why it exists: the stock layer's gradient is slow under XLA:CPU,
+    which lowers it to `select_and_scatter`, a scalar loop nest (about 69 of 90 ms per
+    step on JAX here). Under XLA (JAX, TensorFlow) this layer takes the elementwise
+    maximum of the p*p strided sub-grids, whose gradient is a cheap compare-and-mask
+    (measured faster than reshape + max); on torch the native max-pool kernel is
+    the fastest of the three and is used as is.
     """
 
     def __init__(self, pool_size: int = 2, **kwargs):
@@ -45,9 +48,14 @@ class TiledMaxPooling2D(keras.layers.Layer):
 
     def call(self, inputs):
         p = self.pool_size
-        _, height, width, channels = inputs.shape
-        tiles = ops.reshape(inputs, (-1, height // p, p, width // p, p, channels))
-        return ops.max(tiles, axis=(2, 4))
+        if keras.backend.backend() == "torch":
+            return ops.max_pool(inputs, pool_size=p, strides=p, padding="valid", data_format="channels_last")
+        pooled = None
+        for row in range(p):
+            for column in range(p):
+                tile = inputs[:, row::p, column::p, :]
+                pooled = tile if pooled is None else ops.maximum(pooled, tile)
+        return pooled
 
     def get_config(self):
         return {**super().get_config(), "pool_size": self.pool_size}
