@@ -66,26 +66,7 @@ def short_training(workdir: Path) -> dict:
     }
 
 
-def main(argv: list[str]) -> int:
-    out, workdir, names = Path(argv[0]), Path(argv[1]), argv[2:]
-    workdir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name in names:
-        started = time.perf_counter()
-        try:
-            results[name] = {"ok": True, "value": CHECKS[name](workdir / name)}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-        results[name]["seconds"] = time.perf_counter() - started
-    out.write_text(json.dumps(results, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
-
-
-# ------------------------------------------------------------------------ issue 3 checks
+# ------------------------------------------------------------------------ cross-backend checks
 
 
 def _datamodule(**overrides):
@@ -222,3 +203,83 @@ def checkpoint_safety(workdir: Path) -> dict:
         "resumed_steps": int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)),
         "errors": errors,
     }
+
+
+# ------------------------------------------------------------------------ framework baselines
+
+
+@check
+def framework_baseline(workdir: Path) -> dict:
+    """20 Adam steps on the same 20 batches from the same seeded weights, once with the
+    hand-written baseline of this backend's framework and once with Keras' own step."""
+    import keras
+    import numpy as np
+
+    from benchmarks.framework import load_baseline
+    from model.cnn import seeded_weights
+    from model.trainer import Trainer
+
+    datamodule = _datamodule()
+    module = _module(lr=1e-3)
+    initial = seeded_weights(module.network, 0)
+    baseline = load_baseline(keras.backend.backend()).build(initial, lr=1e-3)
+    losses = [baseline.loss_value(baseline.train_step(images, labels)) for images, labels in datamodule.train_batches(0)]
+    trainer = Trainer(max_epochs=1, limit_train_batches=20, verbose=0)
+    trained = trainer.fit(module, datamodule)
+    baseline_weights = baseline.get_weights()
+    return {
+        "baseline_losses": losses,
+        "keras_epoch_loss": trainer.history[0]["loss"],
+        "keras_steps": int(keras.ops.convert_to_numpy(trained.optimizer.iterations)),
+        "max_weight_difference": max(float(np.abs(a - b).max()) for a, b in zip(baseline_weights, _weights(trained))),
+        # How far training moved the weights: the difference above means little unless this is far larger.
+        "max_weight_change": max(float(np.abs(a - b).max()) for a, b in zip(baseline_weights, initial)),
+        "device": baseline.device_name(),
+    }
+
+
+@check
+def fast_pooling(workdir: Path) -> dict:
+    """TiledMaxPooling2D against keras.layers.MaxPooling2D on real MNIST activations:
+    forward outputs and the gradients of a whole training batch."""
+    import keras
+    import numpy as np
+
+    from backends import backend_module
+    from model.cnn import TiledMaxPooling2D
+
+    datamodule = _datamodule()
+    images, labels = next(datamodule.train_batches(0))
+    fast, stock = _module(pooling="fast"), _module(pooling="stock")
+    activations = fast.network.get_layer("conv2d")(images)
+    forward_fast = keras.ops.convert_to_numpy(TiledMaxPooling2D(2)(activations))
+    forward_stock = keras.ops.convert_to_numpy(keras.layers.MaxPooling2D(2)(activations))
+    probabilities = [keras.ops.convert_to_numpy(m(datamodule.x_test[:512])) for m in (fast, stock)]
+    gradients = [[keras.ops.convert_to_numpy(g) for g in backend_module().loss_and_gradients(m, (images, labels))[1]]
+                 for m in (fast, stock)]
+    return {
+        "forward_equal": bool(np.array_equal(forward_fast, forward_stock)),
+        "forward_shape": list(forward_fast.shape),
+        "probabilities_equal": bool(np.array_equal(*probabilities)),
+        "gradient_max_relative_difference": max(
+            float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(*gradients)),
+    }
+
+# Keep last: every check above must be registered before main() runs.
+def main(argv: list[str]) -> int:
+    out, workdir, names = Path(argv[0]), Path(argv[1]), argv[2:]
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in names:
+        started = time.perf_counter()
+        try:
+            results[name] = {"ok": True, "value": CHECKS[name](workdir / name)}
+        except Exception:
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+        results[name]["seconds"] = time.perf_counter() - started
+    out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

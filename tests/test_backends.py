@@ -61,3 +61,13 @@ def test_train_py_dry_run_writes_model_run_json_and_curves(backend, tmp_path):
         "p = np.asarray(m.predict(np.zeros((2, 28, 28, 1), 'float32'), verbose=0)); "
         "assert p.shape == (2, 10) and abs(p.sum(1) - 1).max() < 1e-5, p; print('ok', m.count_params())")], backend)
     assert check.returncode == 0 and "ok 693962" in check.stdout, check.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_pooling_equals_stock_max_pooling(backend, backend_results):
+    result = check_value(backend_results(backend), "fast_pooling")
+    assert result["forward_shape"] == [128, 13, 13, 32]
+    assert result["forward_equal"], "TiledMaxPooling2D's output differs from keras.layers.MaxPooling2D's"
+    assert result["probabilities_equal"]
+    print(f"pooling on {backend}: gradient max relative difference {result['gradient_max_relative_difference']:.3g}")
+    assert result["gradient_max_relative_difference"] <= 1e-5

@@ -1,0 +1,50 @@
+"""Hand-written baselines: the project's CNN and Keras' Adam written directly in each
+framework, with no Keras import, to measure what Keras' own step costs on top.
+
+Each baseline file mirrors the others: the same public names in the same order, the
+same section comments, so that diffing two of them shows only framework lines. Each
+exposes `build(weights, lr, decay_steps=0) -> Baseline`, where `weights` are in Keras'
+order and layout (`model.cnn.seeded_weights`): conv kernel (3,3,1,32) HWIO, conv bias
+(32,), dense kernel (5408,128), dense bias (128,), output kernel (128,10), output bias
+(10,). Images are float32 NHWC (N,28,28,1) in [0, 1], labels int32 (N,).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, NamedTuple
+
+BASELINE_MODULES = {
+    "jax": "benchmarks.framework.jax_baseline",
+    "tensorflow": "benchmarks.framework.tensorflow_baseline",
+    "torch": "benchmarks.framework.torch_baseline",
+}
+
+# keras.optimizers.Adam's defaults; the baselines reproduce its update exactly.
+BETA_1 = 0.9
+BETA_2 = 0.999
+EPSILON = 1e-7
+# keras.backend.epsilon(): Keras clips probabilities to [this, 1 - this] before the log.
+PROBABILITY_EPSILON = 1e-7
+# Predicting 10,000 images at once would hold a 0.9 GB conv activation.
+PREDICT_BATCH_SIZE = 1000
+
+
+class TrainState(NamedTuple):
+    """Weights (Keras order), Adam's first and second moments, and how many updates
+    were done (what Keras' `optimizer.iterations` counts)."""
+
+    params: Any
+    momentums: Any
+    velocities: Any
+    iterations: Any
+
+
+def load_baseline(backend: str) -> ModuleType:
+    """The baseline file for `backend` ("jax", "tensorflow" or "torch")."""
+    if backend not in BASELINE_MODULES:
+        raise ValueError(
+            f"Unsupported backend. Received: backend={backend!r}; valid: {', '.join(BASELINE_MODULES)}"
+        )
+    return importlib.import_module(BASELINE_MODULES[backend])

@@ -1,0 +1,149 @@
+"""JAX baseline: the CNN and Keras' Adam written directly in JAX, no Keras.
+
+One `jax.jit`-ed step whose weights and Adam state are donated, so XLA updates them in
+place instead of allocating a second copy every step.
+
+Measured on CPU (2 cores shared with other jobs, load average ~5, so absolute times
+are inflated; compare within this table only). Variants ran interleaved in one
+process, 10 steps at a time, so that the load hit them alike: per variant 30 warm-up
+and 100 timed steps at batch 128, a device sync before every clock read; median (iqr),
+ms/step. jax 0.10.2:
+    pooling as reshape + max               79.6 (54-99)
+    pooling as lax.reduce_window (stock)  192.7 (171-209)  2.4x slower
+    pooling as a strided pairwise maximum  57.5 (45-70)   faster, not used: the Keras
+        model pools as reshape + max (TiledMaxPooling2D), and the baseline should differ
+        from it only in what Keras adds, not in how it pools.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.framework import BETA_1, BETA_2, EPSILON, PREDICT_BATCH_SIZE, PROBABILITY_EPSILON, TrainState
+
+NAME = "jax"
+
+
+# ---------------------------------------------------------------------- network
+
+
+def max_pool(x):
+    """2x2/stride-2 max pooling of NHWC `x` with even height and width.
+
+    As the maximum of the four strided sub-grids, like the Keras model's
+    TiledMaxPooling2D: XLA:CPU lowers `lax.reduce_window`'s gradient to
+    `select_and_scatter`, a scalar loop nest (see the timings above)."""
+    top = jnp.maximum(x[:, 0::2, 0::2, :], x[:, 0::2, 1::2, :])
+    bottom = jnp.maximum(x[:, 1::2, 0::2, :], x[:, 1::2, 1::2, :])
+    return jnp.maximum(top, bottom)
+
+
+def forward(params, images):
+    """Logits (N,10) of NHWC `images`."""
+    conv_kernel, conv_bias, dense_kernel, dense_bias, output_kernel, output_bias = params
+    x = jax.lax.conv_general_dilated(
+        images, conv_kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    x = max_pool(jax.nn.relu(x + conv_bias))
+    # NHWC flatten, the order of Keras' channels_last Flatten, so dense_kernel fits as is.
+    x = x.reshape(x.shape[0], -1)
+    x = jax.nn.relu(x @ dense_kernel + dense_bias)
+    return x @ output_kernel + output_bias
+
+
+def cross_entropy(logits, labels):
+    """Mean sparse categorical cross-entropy, as Keras computes it on JAX: from the
+    softmax probabilities, renormalised and clipped, so a saturated softmax gives a
+    bounded loss and no gradient."""
+    probabilities = jax.nn.softmax(logits)
+    probabilities = probabilities / jnp.sum(probabilities, axis=-1, keepdims=True)
+    probabilities = jnp.clip(probabilities, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
+    log_likelihood = jnp.take_along_axis(jnp.log(probabilities), labels[:, None].astype(jnp.int32), axis=-1)
+    return -jnp.mean(log_likelihood)
+
+
+def learning_rate(lr: float, decay_steps: int, iterations):
+    """Keras' CosineDecay(lr, decay_steps) at `iterations` updates done (the count the
+    optimizer passes to its schedule before incrementing), or `lr` when decay_steps=0."""
+    if decay_steps <= 0:
+        return jnp.float32(lr)
+    fraction = jnp.minimum(iterations.astype(jnp.float32), jnp.float32(decay_steps)) / jnp.float32(decay_steps)
+    return jnp.float32(lr) * (0.5 * (1.0 + jnp.cos(jnp.float32(np.pi) * fraction)))
+
+
+def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
+    """One Adam step; returns (loss, new state)."""
+
+    # Forward pass
+    def compute_loss(params):
+        return cross_entropy(forward(params, images), labels)
+
+    # Compute gradients
+    loss, gradients = jax.value_and_grad(compute_loss)(state.params)
+
+    # Update weights
+    rate = learning_rate(lr, decay_steps, state.iterations)
+    local_step = (state.iterations + 1).astype(jnp.float32)
+    alpha = rate * jnp.sqrt(1 - jnp.float32(BETA_2) ** local_step) / (1 - jnp.float32(BETA_1) ** local_step)
+    momentums = [m + (g - m) * (1 - BETA_1) for m, g in zip(state.momentums, gradients)]
+    velocities = [v + (jnp.square(g) - v) * (1 - BETA_2) for v, g in zip(state.velocities, gradients)]
+    params = [w - (m * alpha) / (jnp.sqrt(v) + EPSILON) for w, m, v in zip(state.params, momentums, velocities)]
+    return loss, TrainState(params, momentums, velocities, state.iterations + 1)
+
+
+# ---------------------------------------------------------------------- baseline
+
+
+class Baseline:
+    def __init__(self, state: TrainState, lr: float, decay_steps: int):
+        self.state = state
+        # Donated: the step's outputs reuse the buffers of the state it consumed.
+        self._step = jax.jit(functools.partial(train_step, lr=lr, decay_steps=decay_steps), donate_argnums=0)
+        self._predict = jax.jit(lambda params, images: jax.nn.softmax(forward(params, images)))
+
+    def train_step(self, images, labels):
+        """One Adam step on a batch; returns the loss, still on the device (no sync)."""
+        loss, self.state = self._step(self.state, images, labels)
+        return loss
+
+    def synchronize(self, value) -> None:
+        # JAX dispatches asynchronously: block on the result before reading a clock.
+        jax.block_until_ready(value)
+
+    def loss_value(self, value) -> float:
+        return float(value)
+
+    def predict(self, images) -> np.ndarray:
+        return np.concatenate([
+            np.asarray(self._predict(self.state.params, images[start : start + PREDICT_BATCH_SIZE]))
+            for start in range(0, len(images), PREDICT_BATCH_SIZE)
+        ])
+
+    def get_weights(self) -> list[np.ndarray]:
+        return [np.asarray(w) for w in self.state.params]
+
+    def device_name(self) -> str:
+        device = jax.devices()[0]
+        return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"
+
+    def peak_device_memory_mb(self) -> float | None:
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return None if peak is None else peak / 2**20
+
+
+def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0) -> Baseline:
+    """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
+    learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0."""
+    params = [jnp.asarray(w, dtype=jnp.float32) for w in weights]
+    state = TrainState(
+        params=params,
+        momentums=[jnp.zeros_like(w) for w in params],
+        velocities=[jnp.zeros_like(w) for w in params],
+        iterations=jnp.zeros((), dtype=jnp.int32),
+    )
+    return Baseline(state, lr, decay_steps)

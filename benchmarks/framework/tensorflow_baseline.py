@@ -1,0 +1,148 @@
+"""TensorFlow baseline: the CNN and Keras' Adam written directly in TensorFlow, no Keras.
+
+One `tf.function` step over raw `tf.Variable`s, updated in place with `assign_*`.
+
+Measured on CPU (2 cores shared with other jobs, load average ~5, so absolute times
+are inflated; compare within this table only). Variants ran interleaved in one
+process, 10 steps at a time, so that the load hit them alike: per variant 30 warm-up
+and 100 timed steps at batch 128, a device sync before every clock read; median (iqr),
+ms/step. tensorflow 2.21.0:
+    jit_compile=True,  reshape + reduce_max   59.1 (47-71)
+    jit_compile=False, reshape + reduce_max  114.3 (100-133)  1.9x slower
+    for reference, with tf.nn.max_pool2d: 193.8 (169-237) with XLA, 57.8 (48-73) without;
+    with a strided pairwise maximum: 54.1 (42-71) with XLA (kept: fastest, and what the
+    Keras model's TiledMaxPooling2D does), 175.2 (158-215) without.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.framework import BETA_1, BETA_2, EPSILON, PREDICT_BATCH_SIZE, TrainState
+
+NAME = "tensorflow"
+# XLA: about twice as fast on CPU as TF's graph executor here (timings above).
+JIT_COMPILE = True
+
+
+# ---------------------------------------------------------------------- network
+
+
+def max_pool(x):
+    """2x2/stride-2 max pooling of NHWC `x` with even height and width.
+
+    As the maximum of the four strided sub-grids, like the Keras model's
+    TiledMaxPooling2D: under XLA its gradient is a cheap compare-and-mask (see the
+    timings above)."""
+    top = tf.maximum(x[:, 0::2, 0::2, :], x[:, 0::2, 1::2, :])
+    bottom = tf.maximum(x[:, 1::2, 0::2, :], x[:, 1::2, 1::2, :])
+    return tf.maximum(top, bottom)
+
+
+def forward(params, images):
+    """Logits (N,10) of NHWC `images`."""
+    conv_kernel, conv_bias, dense_kernel, dense_bias, output_kernel, output_bias = params
+    x = tf.nn.conv2d(images, conv_kernel, strides=1, padding="VALID")
+    x = max_pool(tf.nn.relu(x + conv_bias))
+    # NHWC flatten, the order of Keras' channels_last Flatten, so dense_kernel fits as is.
+    x = tf.reshape(x, (-1, x.shape[1] * x.shape[2] * x.shape[3]))
+    x = tf.nn.relu(tf.matmul(x, dense_kernel) + dense_bias)
+    return tf.matmul(x, output_kernel) + output_bias
+
+
+def cross_entropy(logits, labels):
+    """Mean sparse categorical cross-entropy, as Keras computes it on TensorFlow: from
+    the logits. Keras' softmax leaves them on its output (`_keras_logits`) and its TF
+    loss uses them, so unlike on JAX and torch nothing is clipped."""
+    labels = tf.cast(labels, tf.int64)
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def learning_rate(lr: float, decay_steps: int, iterations):
+    """Keras' CosineDecay(lr, decay_steps) at `iterations` updates done (the count the
+    optimizer passes to its schedule before incrementing), or `lr` when decay_steps=0."""
+    if decay_steps <= 0:
+        return tf.constant(lr, tf.float32)
+    fraction = tf.minimum(tf.cast(iterations, tf.float32), float(decay_steps)) / float(decay_steps)
+    return lr * (0.5 * (1.0 + tf.cos(np.pi * fraction)))
+
+
+def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
+    """One Adam step; returns (loss, state), the state's variables updated in place."""
+
+    # Forward pass
+    with tf.GradientTape() as tape:
+        loss = cross_entropy(forward(state.params, images), labels)
+
+    # Compute gradients
+    gradients = tape.gradient(loss, state.params)
+
+    # Update weights
+    rate = learning_rate(lr, decay_steps, state.iterations)
+    local_step = tf.cast(state.iterations + 1, tf.float32)
+    alpha = rate * tf.sqrt(1 - tf.pow(BETA_2, local_step)) / (1 - tf.pow(BETA_1, local_step))
+    for w, m, v, g in zip(state.params, state.momentums, state.velocities, gradients):
+        m.assign_add((g - m) * (1 - BETA_1))
+        v.assign_add((tf.square(g) - v) * (1 - BETA_2))
+        w.assign_sub((m * alpha) / (tf.sqrt(v) + EPSILON))
+    state.iterations.assign_add(1)
+    return loss, state
+
+
+# ---------------------------------------------------------------------- baseline
+
+
+class Baseline:
+    def __init__(self, state: TrainState, lr: float, decay_steps: int):
+        self.state = state
+        step = functools.partial(train_step, state, lr=lr, decay_steps=decay_steps)
+        # A tf.function returns the values of variables, not the variables: keep the loss only.
+        self._step = tf.function(lambda images, labels: step(images, labels)[0], jit_compile=JIT_COMPILE,
+                                 reduce_retracing=True)
+        self._predict = tf.function(lambda images: tf.nn.softmax(forward(state.params, images)),
+                                    jit_compile=JIT_COMPILE, reduce_retracing=True)
+
+    def train_step(self, images, labels):
+        """One Adam step on a batch; returns the loss, still on the device (no sync)."""
+        return self._step(images, labels)
+
+    def synchronize(self, value) -> None:
+        # Reading a tensor to host waits for the device to finish computing it.
+        value.numpy()
+
+    def loss_value(self, value) -> float:
+        return float(value.numpy())
+
+    def predict(self, images) -> np.ndarray:
+        return np.concatenate([
+            self._predict(images[start : start + PREDICT_BATCH_SIZE]).numpy()
+            for start in range(0, len(images), PREDICT_BATCH_SIZE)
+        ])
+
+    def get_weights(self) -> list[np.ndarray]:
+        return [w.numpy() for w in self.state.params]
+
+    def device_name(self) -> str:
+        gpus = tf.config.list_logical_devices("GPU")
+        return f"gpu:{gpus[0].name}" if gpus else "cpu"
+
+    def peak_device_memory_mb(self) -> float | None:
+        if not tf.config.list_logical_devices("GPU"):
+            return None
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0) -> Baseline:
+    """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
+    learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0."""
+    params = [tf.Variable(np.asarray(w, dtype=np.float32)) for w in weights]
+    state = TrainState(
+        params=params,
+        momentums=[tf.Variable(tf.zeros_like(w)) for w in params],
+        velocities=[tf.Variable(tf.zeros_like(w)) for w in params],
+        iterations=tf.Variable(0, dtype=tf.int64),
+    )
+    return Baseline(state, lr, decay_steps)

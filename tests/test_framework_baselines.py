@@ -1,0 +1,31 @@
+"""The hand-written framework baselines train the same network as Keras does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.framework import load_baseline
+from tests.helpers import BACKENDS, check_value, require_backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_baseline_matches_keras_over_twenty_adam_steps(backend, backend_results):
+    require_backend(backend)
+    run = check_value(backend_results(backend), "framework_baseline")
+    losses = run["baseline_losses"]
+    print(f"{backend} baseline vs Keras after 20 steps: max abs weight difference "
+          f"{run['max_weight_difference']:.3g} (training moved them up to {run['max_weight_change']:.3g}); mean loss {np.mean(losses):.6f} vs {run['keras_epoch_loss']:.6f}")
+    assert run["keras_steps"] == len(losses) == 20
+    assert run["max_weight_change"] > 1e-2
+    assert run["max_weight_difference"] <= 1e-3
+    # Keras' epoch loss is the mean of its 20 batch losses (equal batch sizes).
+    assert np.mean(losses) == pytest.approx(run["keras_epoch_loss"], rel=1e-3)
+    # From chance level (~2.3) the loss must fall; a baseline that did not update would not.
+    assert np.mean(losses[:5]) > np.mean(losses[-5:])
+
+
+def test_unknown_backend_names_what_it_received_and_what_is_valid():
+    with pytest.raises(ValueError) as error:
+        load_baseline("mxnet")
+    assert str(error.value) == "Unsupported backend. Received: backend='mxnet'; valid: jax, tensorflow, torch"
