@@ -1,0 +1,185 @@
+"""The benchmark matrix, and running each cell of it in a process of its own.
+
+A framework reads its device settings once, when it is imported, and a process holds
+one Keras backend for its life; so every cell is a fresh `python -m benchmarks.measure`
+whose environment (KERAS_BACKEND, JAX_PLATFORMS, CUDA_VISIBLE_DEVICES) is fixed before
+it starts. Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.measure import DEVICES, PATHS, PROGRESS
+from model.config import BACKENDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every cell of a results file has these keys; what a cell could not measure is None.
+CELL_FIELDS = (
+    "backend", "device", "path", "batch_size", "status", "reason",
+    "first_step_s", "step_ms_median", "step_ms_p10", "step_ms_p90", "samples_per_s", "epoch_s",
+    "test_accuracy", "peak_rss_mb", "peak_device_mb", "ratio_to_framework", "ratio_to_fastest",
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    backend: str
+    device: str
+    path: str
+    batch_size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.device} {self.path} b{self.batch_size}"
+
+
+def build_matrix(backends=BACKENDS, devices=DEVICES, paths=PATHS, batch_sizes=(128,)) -> list[Cell]:
+    """Cells grouped by batch size and device, then backend, then path."""
+    return [Cell(backend, device, path, batch_size)
+            for batch_size, device, backend, path in itertools.product(batch_sizes, devices, backends, paths)]
+
+
+def cell_environment(cell: Cell, base: dict | None = None) -> dict:
+    """The environment a cell's process starts with: the backend and the one device
+    kind its framework may see."""
+    env = dict(os.environ if base is None else base)
+    env.update({"KERAS_BACKEND": cell.backend, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if cell.device == "cpu":
+        # An empty CUDA_VISIBLE_DEVICES hides every GPU from TensorFlow and torch.
+        env.update({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""})
+    else:
+        env["JAX_PLATFORMS"] = "cuda"
+        if env.get("CUDA_VISIBLE_DEVICES") == "":
+            del env["CUDA_VISIBLE_DEVICES"]
+    return env
+
+
+def empty_result(cell: Cell, status: str, reason: str | None) -> dict:
+    result = {field: None for field in CELL_FIELDS}
+    result.update(backend=cell.backend, device=cell.device, path=cell.path, batch_size=cell.batch_size,
+                  status=status, reason=reason)
+    return result
+
+
+def complete_result(cell: Cell, measured: dict) -> dict:
+    """The cell's measurements with every CELL_FIELDS key present, in that order first."""
+    result = empty_result(cell, measured.get("status", "failed"), measured.get("reason"))
+    result.update({key: value for key, value in measured.items() if key not in ("backend", "device", "path", "batch_size")})
+    return result
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: other work on the machine skews every timing, so each
+    cell records it before and after it ran."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def run_cell(cell: Cell, settings: dict, timeout_s: float, show=lambda line: None, python: str = sys.executable) -> dict:
+    """Run `cell` in its own process and return its result row. A crash, a timeout or a
+    missing framework becomes a row with status failed/skipped and a one-line reason;
+    `show` gets the process's progress lines as they come."""
+    spec = {"backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
+            **{key: settings[key] for key in ("epochs", "limit_train_batches", "warmup_steps", "validate", "test_images",
+                                                 "progress_every")}}
+    with tempfile.TemporaryDirectory(prefix="benchmark-cell-") as folder:
+        spec_path, result_path = Path(folder) / "spec.json", Path(folder) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        process = subprocess.Popen(
+            [python, "-m", "benchmarks.measure", str(spec_path), str(result_path)],
+            cwd=REPO, env=cell_environment(cell), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace", start_new_session=True,  # its own group, so a timeout ends all of it
+        )
+        other_lines = collections.deque(maxlen=40)
+        last_progress = []
+
+        def read_output():
+            for line in process.stdout:
+                line = line.rstrip()
+                if line.startswith(PROGRESS):
+                    last_progress[:] = [line[len(PROGRESS):]]
+                    show(last_progress[0])
+                elif line.strip():
+                    other_lines.append(line)
+
+        reader = threading.Thread(target=read_output, daemon=True)
+        reader.start()
+        started, load_before = time.perf_counter(), load_average()
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except BaseException as error:  # the time limit, or Ctrl-C: end the whole cell
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if not isinstance(error, subprocess.TimeoutExpired):
+                raise
+            reader.join(timeout=5)
+            where = f" (last progress: {last_progress[0]})" if last_progress else ""
+            result = empty_result(cell, "failed", f"timed out after {timeout_s:g} s{where}")
+            result.update(process_wall_s=time.perf_counter() - started, load_average=[load_before, load_average()],
+                          output_tail=list(other_lines)[-20:])
+            return result
+        reader.join(timeout=5)
+        if result_path.exists():
+            measured = json.loads(result_path.read_text())
+        else:
+            last_line = other_lines[-1].strip() if other_lines else "no output"
+            measured = {"status": "failed", "reason": f"{last_line} ({describe_exit(returncode)})"}
+    result = complete_result(cell, measured)
+    result.update(process_wall_s=time.perf_counter() - started, load_average=[load_before, load_average()])
+    if result["status"] == "failed":
+        result["output_tail"] = list(other_lines)[-20:]  # the traceback, for whoever reads the JSON
+    return result
+
+
+def run_matrix(cells: list[Cell], settings: dict, timeout_s: float, stream=None) -> list[dict]:
+    """Every cell in turn: "[3/24] torch cpu native-step b128 ... 41.2 ms/step (ok)",
+    with the cell's own progress lines indented under it while it runs."""
+    stream = stream or sys.stderr
+    results = []
+    for index, cell in enumerate(cells, 1):
+        head = f"[{index}/{len(cells)}] {cell.label} ..."
+        stream.write(head)
+        stream.flush()
+        shown = []
+
+        def show(line):
+            stream.write(("\n" if not shown else "") + f"      {line}\n")
+            stream.flush()
+            shown.append(line)
+
+        result = run_cell(cell, settings, timeout_s, show=show)
+        # A cell with no progress lines (a skipped one) ends on its own line.
+        stream.write(f"{head if shown else ''} {summarize(result)}\n")
+        stream.flush()
+        results.append(result)
+    return results
+
+
+def summarize(result: dict) -> str:
+    if result["status"] == "ok":
+        return f"{result['step_ms_median']:.1f} ms/step (ok, {result['process_wall_s']:.0f} s)"
+    return f"{result['status']}: {result['reason']}"
