@@ -19,6 +19,11 @@ def configure(deterministic: bool = False) -> None:
     jax.config.update("jax_default_matmul_precision", "highest" if deterministic else None)
 
 
+def default_jit_compile(deterministic: bool = False) -> bool:
+    # Keras always compiles JAX steps; said here so every backend answers the question.
+    return True
+
+
 def device_name() -> str:
     device = jax.devices()[0]
     return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"

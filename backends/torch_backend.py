@@ -18,6 +18,11 @@ def configure(deterministic: bool = False) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def default_jit_compile(deterministic: bool = False) -> bool:
+    # torch.compile measured slower here (56 ms/step after a 108 s compile vs 50 eager).
+    return False
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"

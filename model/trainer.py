@@ -138,7 +138,10 @@ class Trainer:
         loaded from the last checkpoint when resuming)."""
         from backends import backend_module
 
-        backend_module().configure(deterministic=self.deterministic)
+        backend = backend_module()
+        backend.configure(deterministic=self.deterministic)
+        if self.jit_compile == "auto":
+            self.jit_compile = backend.default_jit_compile(self.deterministic)
         if self.limit_train_batches:
             datamodule.limit_train_batches = self.limit_train_batches
         initial_epoch, history, best = 0, [], None
@@ -213,6 +216,9 @@ class Trainer:
 
     def _evaluate(self, module, images, labels, stage: str, batch_size: int) -> dict:
         if not module.compiled:
-            module.configure(jit_compile=self.jit_compile)
+            from backends import backend_module
+
+            jit_compile = backend_module().default_jit_compile(self.deterministic) if self.jit_compile == "auto" else self.jit_compile
+            module.configure(jit_compile=jit_compile)
         logs = module.evaluate(images, labels, batch_size=max(batch_size, 1000), verbose=0, return_dict=True)
         return {f"{stage}_{name}": float(value) for name, value in logs.items()}
