@@ -1,8 +1,8 @@
 """The CNN's seeded initial weights without importing keras.
 
 `model.cnn.seeded_weights(network, seed)` reads the shapes off a built Keras network;
-the framework baselines must not import keras, so this file lists the same shapes and
-draws the same numbers. tests/test_compare.py checks that the two agree exactly.
+the framework baselines must not import keras, so this file lists the same shapes for
+model.weights to draw from. tests/test_compare.py checks that the two agree exactly.
 """
 
 from __future__ import annotations
@@ -11,25 +11,16 @@ import hashlib
 
 import numpy as np
 
+from model.weights import seeded_weight_arrays
+
 # In Keras' order (network.weights): conv kernel HWIO, conv bias, dense kernel, dense
 # bias, output kernel, output bias. 5408 = 13 * 13 * 32, the pooled feature map.
 CNN_WEIGHT_SHAPES = ((3, 3, 1, 32), (32,), (5408, 128), (128,), (128, 10), (10,))
 
 
 def seeded_cnn_weights(seed: int) -> list[np.ndarray]:
-    """What `model.cnn.seeded_weights(build_cnn(), seed)` returns: glorot_uniform kernels
-    (limit sqrt(6 / (fan_in + fan_out))) drawn in order from one generator, zero biases."""
-    rng = np.random.default_rng(seed)
-    weights = []
-    for shape in CNN_WEIGHT_SHAPES:
-        if len(shape) == 1:
-            weights.append(np.zeros(shape, dtype="float32"))
-            continue
-        receptive_field = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-        fan_in, fan_out = shape[-2] * receptive_field, shape[-1] * receptive_field
-        limit = np.sqrt(6.0 / (fan_in + fan_out))
-        weights.append(rng.uniform(-limit, limit, size=shape).astype("float32"))
-    return weights
+    """What `model.cnn.seeded_weights(build_cnn(), seed)` returns, without keras."""
+    return seeded_weight_arrays(CNN_WEIGHT_SHAPES, seed)
 
 
 def weights_digest(weights) -> str:

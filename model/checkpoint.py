@@ -38,6 +38,10 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     temp = Path(temp_name)
     try:
         write(temp)
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)

@@ -85,19 +85,7 @@ def build_cnn(pooling: str = "fast") -> keras.Model:
 
 def seeded_weights(network: keras.Model, seed: int) -> list:
     """Initial weights drawn with numpy, so every backend starts from the same numbers
-    (Keras' own initializers draw differently per backend). Kernels follow Keras'
-    glorot_uniform, limit sqrt(6 / (fan_in + fan_out)); biases are zero."""
-    import numpy as np
+    (Keras' own initializers draw differently per backend); see model/weights.py."""
+    from model.weights import seeded_weight_arrays
 
-    rng = np.random.default_rng(seed)
-    weights = []
-    for variable in network.weights:
-        shape = tuple(variable.shape)
-        if len(shape) == 1:
-            weights.append(np.zeros(shape, dtype="float32"))
-            continue
-        receptive_field = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
-        fan_in, fan_out = shape[-2] * receptive_field, shape[-1] * receptive_field
-        limit = np.sqrt(6.0 / (fan_in + fan_out))
-        weights.append(rng.uniform(-limit, limit, size=shape).astype("float32"))
-    return weights
+    return seeded_weight_arrays([tuple(variable.shape) for variable in network.weights], seed)
