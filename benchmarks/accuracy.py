@@ -53,6 +53,8 @@ def run_one(backend: str, seed: int, epochs: int | None, workdir: Path) -> dict:
     wall = time.perf_counter() - started
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        if result.returncode < 0:
+            reason = f"killed by signal {-result.returncode}; last output: {reason}"
         return {"backend": backend, "seed": seed, "status": "failed", "reason": reason, "wall_s": wall}
     run = json.loads((output / "run.json").read_text())
     return {

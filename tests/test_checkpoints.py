@@ -44,7 +44,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backend, tmp
     rng = random.Random(f"kill-{backend}")
     checkpoints = output / "checkpoints"
     survivors = []
-    for attempt in range(4):
+    for attempt in range(3):
         resume = ["--resume"] if (checkpoints / "last.keras").exists() else []
         process = subprocess.Popen(command + resume, cwd=REPO, env=backend_env(backend),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -67,7 +67,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backend, tmp
                 copy = tmp_path / f"kill{attempt}-{name}"
                 copy.write_bytes((checkpoints / name).read_bytes())
                 survivors.append(str(copy))
-    assert len(survivors) >= 4, survivors
+    assert len(survivors) >= 3, survivors
     script = ("import sys, json; from model.checkpoint import load_model\n"
               "for path in json.loads(sys.argv[1]): load_model(path)\nprint('loaded', len(json.loads(sys.argv[1])))")
     loaded = run_python(["-c", script, json.dumps(survivors)], backend, timeout=300)
