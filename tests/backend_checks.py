@@ -127,9 +127,19 @@ def equivalence(workdir: Path) -> dict:
         "loss": float(keras.ops.convert_to_numpy(loss)),
         "gradients": _save_arrays(workdir / "gradients.npz", [keras.ops.convert_to_numpy(g) for g in gradients]),
     }
+    # Count calls into the backend's native step, so the test knows it really ran.
+    native_calls = []
+    native_step = backend.train_step
+
+    def counting_step(*args):
+        native_calls.append(1)
+        return native_step(*args)
+
+    backend.train_step = counting_step
     for step in ("keras", "native"):
         trained = Trainer(max_epochs=1, limit_train_batches=20, deterministic=True, verbose=0).fit(
             _module(step=step, lr=1e-3), datamodule)
+        result[f"native_step_calls_{step}"] = len(native_calls)
         result[f"steps_{step}"] = int(keras.ops.convert_to_numpy(trained.optimizer.iterations))
         result[f"weights_{step}"] = _save_arrays(workdir / f"weights_{step}.npz", _weights(trained))
         if step == "keras":
@@ -137,6 +147,7 @@ def equivalence(workdir: Path) -> dict:
             result["checkpoint"] = str(checkpoint)
             probabilities = Trainer().predict(trained, datamodule.x_test)
             result["probabilities"] = _save_arrays(workdir / "probabilities.npz", [probabilities])
+    backend.train_step = native_step
     return result
 
 
