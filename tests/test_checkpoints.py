@@ -33,7 +33,9 @@ def test_bad_checkpoints_give_one_clear_error(backend, backend_results):
     assert all("\n" not in message for message in errors.values())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# Atomic writing is the same code on every backend, and each kill round costs a process
+# start; the cross-backend checkpoint tests cover each backend's save and load.
+@pytest.mark.parametrize("backend", ["torch"])
 def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(backend, tmp_path):
     """Kill a real training run several times, mid-epoch or mid-save; every checkpoint
     left behind must load, and --resume must carry on from it."""
