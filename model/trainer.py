@@ -145,8 +145,8 @@ class Trainer:
         if self.limit_train_batches:
             datamodule.limit_train_batches = self.limit_train_batches
         initial_epoch, history, best = 0, [], None
-        if self.checkpoint_dir is not None:
-            remove_stale_temp_files(self.checkpoint_dir) if Path(self.checkpoint_dir).is_dir() else None
+        if self.checkpoint_dir is not None and Path(self.checkpoint_dir).is_dir():
+            remove_stale_temp_files(self.checkpoint_dir)
         if resume:
             module, initial_epoch, history, best = self._restore(datamodule)
         if not module.compiled:
