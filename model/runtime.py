@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import sys
 from pathlib import Path
 
@@ -55,6 +56,29 @@ def select_backend(requested: str | None = None) -> str:
         )
     os.environ["KERAS_BACKEND"] = backend
     return backend
+
+
+def seed_everything(seed: int) -> None:
+    """`keras.utils.set_random_seed(seed)`, minus its TensorFlow import on the other backends.
+
+    Keras seeds TensorFlow whenever it is installed, which imports it: about 8 s and
+    hundreds of MB in a JAX or torch process that never uses it (measured here). Keras'
+    saving still imports it at the first `.keras` save (it checks for `tf.TensorShape`),
+    but runs that save nothing, such as benchmark cells, no longer pay for it.
+    Python's, numpy's and the backend's generators are seeded either way; Keras' own
+    generator only feeds the layers' initializers, whose draws `seeded_weights` replaces."""
+    import keras
+    import numpy
+
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    random.seed(seed)
+    numpy.random.seed(seed)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)
 
 
 def cpu_model() -> str:

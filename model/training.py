@@ -66,9 +66,10 @@ def prepare_run(config: TrainConfig, arrays=None):
     from model.cnn import seeded_weights
     from model.data import MNISTDataModule
     from model.module import CNNModule
+    from model.runtime import seed_everything
     from model.trainer import Trainer
 
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed)
     datamodule = MNISTDataModule(
         batch_size=config.batch_size,
         validation_size=config.validation_size,

@@ -9,6 +9,7 @@ importing a framework costs seconds.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -100,6 +101,16 @@ def _save_arrays(path: Path, arrays) -> str:
     return str(path)
 
 
+@functools.cache
+def _twenty_steps(step: str):
+    """(trainer, trained module): 20 deterministic Adam steps (lr 1e-3) with `step` from the
+    seed-0 weights on the first 20 batches. Cached: several checks compare against it."""
+    from model.trainer import Trainer
+
+    trainer = Trainer(max_epochs=1, limit_train_batches=20, deterministic=True, verbose=0)
+    return trainer, trainer.fit(_module(step=step, lr=1e-3), _datamodule())
+
+
 @check
 def equivalence(workdir: Path) -> dict:
     """Dumps for the cross-backend comparisons: logits on 256 test images, one batch's
@@ -137,8 +148,7 @@ def equivalence(workdir: Path) -> dict:
 
     backend.train_step = counting_step
     for step in ("keras", "native"):
-        trained = Trainer(max_epochs=1, limit_train_batches=20, deterministic=True, verbose=0).fit(
-            _module(step=step, lr=1e-3), datamodule)
+        trained = _twenty_steps(step)[1]
         result[f"native_step_calls_{step}"] = len(native_calls)
         result[f"steps_{step}"] = int(keras.ops.convert_to_numpy(trained.optimizer.iterations))
         result[f"weights_{step}"] = _save_arrays(workdir / f"weights_{step}.npz", _weights(trained))
@@ -161,9 +171,9 @@ def load_checkpoints(workdir: Path) -> dict:
 
     datamodule = MNISTDataModule(batch_size=128, seed=0).setup()
     result = {}
-    for saved_by, path in json.loads(os.environ["CHECKPOINTS"]).items():
+    for index, (saved_by, path) in enumerate(json.loads(os.environ["CHECKPOINTS"]).items()):
         module = load_model(path)
-        result[saved_by] = _save_arrays(workdir / f"from_{saved_by}.npz",
+        result[saved_by] = _save_arrays(workdir / f"predictions_{index}.npz",
                                         [module.predict(datamodule.x_test, batch_size=1000, verbose=0)])
     return result
 
@@ -228,15 +238,12 @@ def framework_baseline(workdir: Path) -> dict:
 
     from benchmarks.framework import load_baseline
     from model.cnn import seeded_weights
-    from model.trainer import Trainer
 
     datamodule = _datamodule()
-    module = _module(lr=1e-3)
-    initial = seeded_weights(module.network, 0)
+    initial = seeded_weights(_module().network, 0)
     baseline = load_baseline(keras.backend.backend()).build(initial, lr=1e-3)
     losses = [baseline.loss_value(baseline.train_step(images, labels)) for images, labels in datamodule.train_batches(0)]
-    trainer = Trainer(max_epochs=1, limit_train_batches=20, verbose=0)
-    trained = trainer.fit(module, datamodule)
+    trainer, trained = _twenty_steps("keras")
     baseline_weights = baseline.get_weights()
     return {
         "baseline_losses": losses,

@@ -13,6 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("jax", "tensorflow", "torch")
+# The key under which the cross_loaded fixture holds train.py's own model.keras.
+TRAIN_PY_MODEL = "train.py model.keras"
 
 
 def require_backend(backend: str) -> None:
@@ -50,3 +52,11 @@ def check_value(results: dict, name: str):
     entry = results[name]
     assert entry["ok"], f"check {name} raised:\n{entry['error']}"
     return entry["value"]
+
+
+def arrays(path: str) -> list:
+    """The arrays a backend check saved with numpy.savez, in order."""
+    import numpy as np
+
+    with np.load(path) as npz:
+        return [npz[f"arr_{i}"] for i in range(len(npz.files))]

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pytest
 
-from tests.helpers import BACKENDS, check_value, require_backend, run_backend_checks
+from tests.helpers import BACKENDS, arrays, check_value
 
 PAIRS = list(itertools.combinations(BACKENDS, 2))
 PAIR_IDS = [f"{a}-{b}" for a, b in PAIRS]
-
-
-def arrays(path: str) -> list[np.ndarray]:
-    with np.load(path) as npz:
-        return [npz[f"arr_{i}"] for i in range(len(npz.files))]
 
 
 @pytest.fixture
@@ -69,26 +63,6 @@ def test_native_step_matches_keras_step(backend, dumps):
     difference = max(float(np.abs(a - b).max()) for a, b in zip(keras_step, native_step))
     print(f"native vs keras step on {backend}: max abs weight difference {difference:.3g}")
     assert difference <= 1e-4
-
-
-@pytest.fixture(scope="session")
-def cross_loaded(backend_results, tmp_path_factory):
-    """loader -> {saver: predictions file}, each loader loading every saver's checkpoint."""
-    cache = {}
-
-    def results(loader: str) -> dict:
-        require_backend(loader)
-        if loader not in cache:
-            checkpoints = {}
-            for saver in BACKENDS:
-                require_backend(saver)
-                checkpoints[saver] = check_value(backend_results(saver), "equivalence")["checkpoint"]
-            workdir = tmp_path_factory.mktemp(f"load-{loader}")
-            out = run_backend_checks(loader, workdir, ["load_checkpoints"], env={"CHECKPOINTS": json.dumps(checkpoints)})
-            cache[loader] = check_value(out, "load_checkpoints")
-        return cache[loader]
-
-    return results
 
 
 @pytest.mark.parametrize("saver, loader", list(itertools.product(BACKENDS, BACKENDS)),
