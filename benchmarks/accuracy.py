@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                       # 3 seeds x 3 backends, sequentially
     python benchmarks/accuracy.py --seeds 0 --backends jax --epochs 1   # a quick look
+    python benchmarks/accuracy.py --report benchmarks/results/*/accuracy-*.json  # merge runs
 
 Each run is `train.py --backend B --seed S` in its own process (one backend per process),
 run one after another so they do not compete for cores. Writes
@@ -48,6 +49,7 @@ def run_one(backend: str, seed: int, epochs: int | None, workdir: Path) -> dict:
                "--output-dir", str(output)]
     if epochs:
         command += ["--epochs", str(epochs)]
+    commit = commit_info()  # per run: a long sweep can span commits
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -55,7 +57,7 @@ def run_one(backend: str, seed: int, epochs: int | None, workdir: Path) -> dict:
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
         if result.returncode < 0:
             reason = f"killed by signal {-result.returncode}; last output: {reason}"
-        return {"backend": backend, "seed": seed, "status": "failed", "reason": reason, "wall_s": wall}
+        return {"backend": backend, "seed": seed, "status": "failed", "reason": reason, "wall_s": wall, "commit": commit}
     run = json.loads((output / "run.json").read_text())
     return {
         "backend": backend,
@@ -67,7 +69,49 @@ def run_one(backend: str, seed: int, epochs: int | None, workdir: Path) -> dict:
         "wall_s": wall,
         "step_ms_median": run["step_ms_median"],
         "device": run["device"],
+        "commit": commit,
     }
+
+
+def summarize(runs: list[dict]) -> dict:
+    """backend -> mean, min and max test accuracy over its successful runs, and their seeds."""
+    summary = {}
+    for backend in BACKENDS:
+        ok = [r for r in runs if r["backend"] == backend and r["status"] == "ok"]
+        if ok:
+            accuracies = [r["test_accuracy"] for r in ok]
+            summary[backend] = {"mean_test_accuracy": sum(accuracies) / len(accuracies), "runs": len(ok),
+                                "seeds": sorted(r["seed"] for r in ok), "min": min(accuracies), "max": max(accuracies)}
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print("\n| backend | seeds | mean test accuracy | min | max |\n| --- | --- | --- | --- | --- |")
+    for backend, row in summary.items():
+        seeds = ", ".join(map(str, row["seeds"]))
+        print(f"| {backend} | {seeds} | {row['mean_test_accuracy']:.4f} | {row['min']:.4f} | {row['max']:.4f} |")
+
+
+def report(paths: list[Path]) -> int:
+    """Merge the runs of several results files (the latest run of each backend and seed wins)."""
+    files = []
+    for path in paths:
+        try:
+            content = json.loads(Path(path).read_text())
+            files.append((content["datetime"], content["runs"]))
+        except (ValueError, KeyError, TypeError) as error:
+            print(f"accuracy.py: error: {path} is not an accuracy results file ({error!r})", file=sys.stderr)
+            return 1
+    latest = {}
+    for _, runs in sorted(files, key=lambda item: item[0]):
+        for run in runs:
+            if run["status"] == "ok":
+                latest[(run["backend"], run["seed"])] = run
+    if not latest:
+        print("accuracy.py: error: no successful run in " + ", ".join(map(str, paths)), file=sys.stderr)
+        return 1
+    print_summary(summarize(list(latest.values())))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -79,7 +123,14 @@ def main(argv=None) -> int:
                         help=f"override the recipe's epochs (default: the recipe's {TrainConfig().epochs})")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the JSON goes (default: benchmarks/results/<machine>/)")
+    parser.add_argument("--report", type=Path, nargs="+", metavar="FILE",
+                        help="run nothing: merge these results files into one table")
     args = parser.parse_args(argv)
+    if args.report:
+        missing = [str(p) for p in args.report if not p.is_file()]
+        if missing:
+            parser.error(f"no such results file: {', '.join(missing)}")
+        return report(args.report)
 
     machine = describe_machine()
     output_dir = args.output_dir or REPO / "benchmarks" / "results" / machine_slug(machine)
@@ -95,12 +146,7 @@ def main(argv=None) -> int:
                 runs.append(run)
                 shown = f"{run['test_accuracy']:.4f}" if run["status"] == "ok" else f"failed: {run['reason']}"
                 print(f"    test accuracy {shown} in {run['wall_s']:.0f} s", flush=True)
-    summary = {}
-    for backend in args.backends:
-        accuracies = [r["test_accuracy"] for r in runs if r["backend"] == backend and r["status"] == "ok"]
-        if accuracies:
-            summary[backend] = {"mean_test_accuracy": sum(accuracies) / len(accuracies), "runs": len(accuracies),
-                                "min": min(accuracies), "max": max(accuracies)}
+    summary = summarize(runs)
     write_json(path, {
         "machine": machine,
         "commit": commit_info(),
@@ -110,9 +156,7 @@ def main(argv=None) -> int:
         "runs": runs,
         "summary": summary,
     })
-    print("\n| backend | seeds | mean test accuracy | min | max |\n| --- | --- | --- | --- | --- |")
-    for backend, row in summary.items():
-        print(f"| {backend} | {row['runs']} | {row['mean_test_accuracy']:.4f} | {row['min']:.4f} | {row['max']:.4f} |")
+    print_summary(summary)
     print(f"\nwrote {path}")
     return 0 if all(r["status"] == "ok" for r in runs) else 1
 

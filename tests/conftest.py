@@ -38,7 +38,6 @@ def backend_results(tmp_path_factory):
     return results
 
 
-
 @pytest.fixture(scope="session")
 def dry_runs(tmp_path_factory):
     """backend -> (finished `train.py --dry-run` process, its output dir); run once per
