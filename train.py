@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.config import BACKENDS, LAYER_SETS, STEPS, TrainConfig
+from model.config import BACKENDS, STEPS, TrainConfig
 from model.runtime import UsageError, select_backend
 
 
@@ -55,9 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--step", choices=STEPS, default=defaults.step,
                         help="Keras' built-in train step or the backends/ native one")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.keras")
-    parser.add_argument("--layers", choices=LAYER_SETS, default=defaults.layers,
-                        help="conv and pool layers: PatchConv2D + TiledMaxPooling2D (fast) or Keras' Conv2D + "
-                             "MaxPooling2D (stock); same weights and outputs")
+    parser.add_argument("--pooling", choices=("fast", "stock"), default=defaults.pooling,
+                        help="max-pool layer: reshape+max (fast) or keras.layers.MaxPooling2D (stock)")
     parser.add_argument("--no-augment", action="store_true",
                         help="train without the random shift/rotation/zoom augmentation")
     return parser.parse_args(argv)
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
         limit_train_batches=args.limit_train_batches, dry_run=args.dry_run, data=args.data, step=args.step,
-        resume=args.resume, layers=args.layers,
+        resume=args.resume, pooling=args.pooling,
     )
     if args.no_augment:
         config = config.replace(shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0)

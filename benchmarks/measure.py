@@ -35,9 +35,9 @@ PROGRESS = "[cell] "
 
 # The paths a cell can time, in the order the matrix lists them.
 KERAS_PATHS = {
-    "keras-fit": {"layers": "fast", "step": "keras"},
-    "keras-fit-stock": {"layers": "stock", "step": "keras"},
-    "native-step": {"layers": "fast", "step": "native"},
+    "keras-fit": {"pooling": "fast", "step": "keras"},
+    "keras-fit-stock": {"pooling": "stock", "step": "keras"},
+    "native-step": {"pooling": "fast", "step": "native"},
 }
 PATHS = (*KERAS_PATHS, "framework")
 DEVICES = ("cpu", "gpu")

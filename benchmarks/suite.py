@@ -28,7 +28,7 @@ MODES = {
               "progress_every": 0, "timeout_s": 180},
 }
 # TrainConfig fields a run or a cell sets itself rather than taking the default.
-PER_CELL_CONFIG = ("epochs", "batch_size", "limit_train_batches", "dry_run", "step", "layers", "output_dir", "resume")
+PER_CELL_CONFIG = ("epochs", "batch_size", "limit_train_batches", "dry_run", "step", "pooling", "output_dir", "resume")
 DEFAULT_RESULTS_DIR = REPO / "benchmarks" / "results"
 
 

@@ -76,7 +76,7 @@ def load_model(path: str | os.PathLike):
     """Load a .keras file with safe_mode=True, turning every failure into one clear line."""
     import keras
 
-    import model.module  # noqa: F401  (registers CNNModule, PatchConv2D and TiledMaxPooling2D)
+    import model.module  # noqa: F401  (registers CNNModule and TiledMaxPooling2D)
 
     path = Path(path)
     if not path.is_file():

@@ -9,43 +9,9 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from model.config import LAYER_SETS
-
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
-
-
-@keras.saving.register_keras_serializable(package="mnist_cnn")
-class PatchConv2D(keras.layers.Conv2D):
-    """keras.layers.Conv2D (same weights, config and output) whose valid, stride-1
-    convolution is computed under XLA (JAX, TensorFlow) as one matrix product of the
-    image patches (im2col): the kh*kw shifted views of the input side by side, times
-    the kernel reshaped to (kh*kw*channels, filters).
-
-    Why: with one input channel, XLA:CPU's convolution and above all its kernel
-    gradient are slow; measured here (conv + relu + its gradients, batch 128, the two
-    forms interleaved) 18.4 -> 13.6 ms on JAX and 12.7 -> 9.4 ms on TensorFlow. On
-    torch the native convolution was faster than the patch product (31.6 vs 41.8 ms)
-    and is used as is, as it is for any stride, dilation, padding or group count.
-    """
-
-    def _patch_form_applies(self) -> bool:
-        return (keras.backend.backend() in ("jax", "tensorflow") and self.padding == "valid"
-                and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1)
-                and self.groups == 1 and self.data_format == "channels_last")
-
-    def convolution_op(self, inputs, kernel):
-        if not self._patch_form_applies():
-            return super().convolution_op(inputs, kernel)
-        kernel_height, kernel_width, channels, filters = kernel.shape
-        out_height = inputs.shape[1] - kernel_height + 1
-        out_width = inputs.shape[2] - kernel_width + 1
-        # (i, j, channel) order along the last axis: the row-major order of kernel's first three axes.
-        patches = ops.concatenate(
-            [inputs[:, i : i + out_height, j : j + out_width, :] for i in range(kernel_height) for j in range(kernel_width)],
-            axis=-1,
-        )
-        return ops.matmul(patches, ops.reshape(kernel, (kernel_height * kernel_width * channels, filters)))
+POOLINGS = ("fast", "stock")
 
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")
@@ -95,21 +61,20 @@ class TiledMaxPooling2D(keras.layers.Layer):
         return {**super().get_config(), "pool_size": self.pool_size}
 
 
-def build_cnn(layers: str = "fast") -> keras.Model:
-    """Build the CNN. `layers="stock"` uses keras.layers.Conv2D and MaxPooling2D; "fast"
-    their drop-in equivalents PatchConv2D and TiledMaxPooling2D (same weights and
-    outputs, faster gradients; see their docstrings)."""
-    if layers == "fast":
-        conv, pool = PatchConv2D, TiledMaxPooling2D
-    elif layers == "stock":
-        conv, pool = keras.layers.Conv2D, keras.layers.MaxPooling2D
+def build_cnn(pooling: str = "fast") -> keras.Model:
+    """Build the CNN. `pooling="stock"` uses keras.layers.MaxPooling2D; "fast" the
+    numerically identical TiledMaxPooling2D (see its docstring)."""
+    if pooling == "fast":
+        pool = TiledMaxPooling2D(2, name="max_pooling2d")
+    elif pooling == "stock":
+        pool = keras.layers.MaxPooling2D(2, name="max_pooling2d")
     else:
-        raise ValueError(f"Unsupported layers. Received: layers={layers!r}; valid: {', '.join(LAYER_SETS)}")
+        raise ValueError(f"Unsupported pooling. Received: pooling={pooling!r}; valid: {', '.join(POOLINGS)}")
     return keras.Sequential(
         [
             keras.Input(INPUT_SHAPE, name="image"),
-            conv(32, 3, activation="relu", name="conv2d"),
-            pool(2, name="max_pooling2d"),
+            keras.layers.Conv2D(32, 3, activation="relu", name="conv2d"),
+            pool,
             keras.layers.Flatten(name="flatten"),
             keras.layers.Dense(128, activation="relu", name="dense"),
             keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities"),

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 BACKENDS = ("jax", "tensorflow", "torch")
 STEPS = ("keras", "native")
-# "fast": PatchConv2D + TiledMaxPooling2D (model/cnn.py); "stock": keras.layers.Conv2D + MaxPooling2D.
-LAYER_SETS = ("fast", "stock")
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,8 @@ class TrainConfig:
     dry_run: bool = False
     # "keras": Keras' built-in train_step; "native": the backends/ step.
     step: str = "keras"
-    # One of LAYER_SETS.
-    layers: str = "fast"
+    # "fast": the reshape+max pooling layer; "stock": keras.layers.MaxPooling2D.
+    pooling: str = "fast"
     data: str | None = None
     output_dir: str = "runs/latest"
     resume: bool = False

@@ -20,18 +20,17 @@ STAGES = ("train", "val", "test")
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class CNNModule(keras.Model):
-    def __init__(self, lr: float = 1e-3, decay_steps: int = 0, layers: str = "fast", step: str = "keras",
+    def __init__(self, lr: float = 1e-3, decay_steps: int = 0, pooling: str = "fast", step: str = "keras",
                  ema_momentum: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if step not in STEPS:
             raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
         self.lr = float(lr)
         self.decay_steps = int(decay_steps)
-        # Not self.layers: keras.Model has that property (its list of layers).
-        self.layer_set = layers
+        self.pooling = pooling
         self.step = step
         self.ema_momentum = ema_momentum
-        self.network = build_cnn(layers)
+        self.network = build_cnn(pooling)
         # The wrapped network is built on construction and nothing else holds weights,
         # so the module is usable at once (JAX's stateless_call insists on it).
         self.built = True
@@ -115,15 +114,7 @@ class CNNModule(keras.Model):
             "name": self.name,
             "lr": self.lr,
             "decay_steps": self.decay_steps,
-            "layers": self.layer_set,
+            "pooling": self.pooling,
             "step": self.step,
             "ema_momentum": self.ema_momentum,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        # Checkpoints written before the conv layer joined the fast set called it "pooling".
-        config = dict(config)
-        if "pooling" in config:
-            config["layers"] = config.pop("pooling")
-        return cls(**config)

@@ -81,7 +81,7 @@ def prepare_run(config: TrainConfig, arrays=None):
         limit_train_batches=config.limit_train_batches,
     ).setup(arrays)
     module = CNNModule(lr=config.lr, decay_steps=config.epochs * datamodule.steps_per_epoch,
-                       layers=config.layers, step=config.step, ema_momentum=config.ema_momentum)
+                       pooling=config.pooling, step=config.step, ema_momentum=config.ema_momentum)
     # Weights drawn with numpy: every backend starts from the same numbers for a seed.
     module.network.set_weights(seeded_weights(module.network, config.seed))
     jit_compile = "auto" if config.jit_compile is None else config.jit_compile
@@ -126,8 +126,6 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
         "peak_device_mb": backend_module().peak_device_memory_mb(),
     }
     write_json(output_dir / "run.json", result)
-    median = result["step_ms_median"]
-    step = f"median step {median:.1f} ms" if median is not None else "too few steps past warm-up for a median step time"
     log(f"test accuracy {test['test_accuracy']:.4f} (loss {test['test_loss']:.4f}); "
-        f"{step}; wrote {output_dir}/model.keras, run.json, curves.png")
+        f"median step {result['step_ms_median'] or float('nan'):.1f} ms; wrote {output_dir}/model.keras, run.json, curves.png")
     return result

@@ -19,7 +19,7 @@ def mnist_arrays():
 
 
 # Checks that run once per backend in one subprocess (see tests/backend_checks.py).
-BACKEND_CHECKS = ["architecture", "short_training", "equivalence", "checkpoint_safety", "framework_baseline", "fast_layers"]
+BACKEND_CHECKS = ["architecture", "short_training", "equivalence", "checkpoint_safety", "framework_baseline", "fast_pooling"]
 
 
 @pytest.fixture(scope="session")

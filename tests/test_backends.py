@@ -21,9 +21,9 @@ EXPECTED_LAYERS = [
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_shapes_and_parameter_counts(backend, backend_results):
     architecture = check_value(backend_results(backend), "architecture")
-    for layers in ("fast", "stock"):
-        assert architecture[layers]["layers"] == EXPECTED_LAYERS, layers
-        assert architecture[layers]["total_params"] == 693_962, layers
+    for pooling in ("fast", "stock"):
+        assert architecture[pooling]["layers"] == EXPECTED_LAYERS, pooling
+        assert architecture[pooling]["total_params"] == 693_962, pooling
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -62,13 +62,10 @@ def test_train_py_dry_run_writes_model_run_json_and_curves(backend, dry_runs, cr
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fast_layers_equal_stock_conv_and_max_pooling(backend, backend_results):
-    result = check_value(backend_results(backend), "fast_layers")
-    assert result["conv_forward_shape"] == [128, 26, 26, 32]
-    assert result["conv_forward_equal"], (
-        f"PatchConv2D's output differs from keras.layers.Conv2D's by {result['conv_forward_max_difference']:.3g}")
-    assert result["pool_forward_shape"] == [128, 13, 13, 32]
-    assert result["pool_forward_equal"], "TiledMaxPooling2D's output differs from keras.layers.MaxPooling2D's"
-    assert result["probabilities_max_difference"] == 0.0 and result["predictions_equal"]
-    print(f"fast layers on {backend}: gradient max relative difference {result['gradient_max_relative_difference']:.3g}")
+def test_fast_pooling_equals_stock_max_pooling(backend, backend_results):
+    result = check_value(backend_results(backend), "fast_pooling")
+    assert result["forward_shape"] == [128, 13, 13, 32]
+    assert result["forward_equal"], "TiledMaxPooling2D's output differs from keras.layers.MaxPooling2D's"
+    assert result["probabilities_equal"]
+    print(f"pooling on {backend}: gradient max relative difference {result['gradient_max_relative_difference']:.3g}")
     assert result["gradient_max_relative_difference"] <= 1e-5

@@ -338,7 +338,7 @@ def test_warmup_steps_are_left_out_of_the_timed_steps():
 
 def test_numpy_initial_weights_equal_seeded_weights():
     """benchmarks/initial_weights.py draws, without keras, what model.cnn.seeded_weights
-    draws from a built network, for both layer sets and several seeds."""
+    draws from a built network, for both pooling layers and several seeds."""
     backend = next((b for b in BACKENDS if installed(b)), None)
     if backend is None:
         pytest.skip("no backend installed")
@@ -348,11 +348,11 @@ def test_numpy_initial_weights_equal_seeded_weights():
         "from model.cnn import build_cnn, seeded_weights\n"
         "from benchmarks.initial_weights import seeded_cnn_weights\n"
         "out = {}\n"
-        "for layers in ('fast', 'stock'):\n"
-        "    network = build_cnn(layers)\n"
+        "for pooling in ('fast', 'stock'):\n"
+        "    network = build_cnn(pooling)\n"
         "    for seed in (0, 7):\n"
         "        keras_side, numpy_side = seeded_weights(network, seed), seeded_cnn_weights(seed)\n"
-        "        out[f'{layers}-{seed}'] = [[list(a.shape), list(b.shape), bool(np.array_equal(a, b))]\n"
+        "        out[f'{pooling}-{seed}'] = [[list(a.shape), list(b.shape), bool(np.array_equal(a, b))]\n"
         "                                    for a, b in zip(keras_side, numpy_side, strict=True)]\n"
         "print(json.dumps(out))\n"
     )

@@ -10,11 +10,9 @@ and 100 timed steps at batch 128, a device sync before every clock read; median 
 ms/step. jax 0.10.2:
     pooling as reshape + max               79.6 (54-99)
     pooling as lax.reduce_window (stock)  192.7 (171-209)  2.4x slower
-    pooling as a strided pairwise maximum  57.5 (45-70)   kept: fastest, and what the
-        Keras model's TiledMaxPooling2D does.
-The convolution is the patch product the Keras model's PatchConv2D computes (conv, relu
-and their gradients: 18.4 ms with lax.conv_general_dilated, 13.6 ms as patches @ kernel,
-measured interleaved in one process under load).
+    pooling as a strided pairwise maximum  57.5 (45-70)   faster, not used: the Keras
+        model pools as reshape + max (TiledMaxPooling2D), and the baseline should differ
+        from it only in what Keras adds, not in how it pools.
 """
 
 from __future__ import annotations
@@ -44,21 +42,12 @@ def max_pool(x):
     return jnp.maximum(top, bottom)
 
 
-def conv2d(images, kernel):
-    """Valid, stride-1 convolution of NHWC `images` with an HWIO `kernel`, as one matrix
-    product of the image patches, like the Keras model's PatchConv2D: XLA:CPU's own
-    convolution gradient is slower with one input channel (timings above)."""
-    kernel_height, kernel_width, channels, filters = kernel.shape
-    out_height, out_width = images.shape[1] - kernel_height + 1, images.shape[2] - kernel_width + 1
-    patches = jnp.concatenate([images[:, i : i + out_height, j : j + out_width, :]
-                               for i in range(kernel_height) for j in range(kernel_width)], axis=-1)
-    return patches @ kernel.reshape(kernel_height * kernel_width * channels, filters)
-
-
 def forward(params, images):
     """Logits (N,10) of NHWC `images`."""
     conv_kernel, conv_bias, dense_kernel, dense_bias, output_kernel, output_bias = params
-    x = conv2d(images, conv_kernel)
+    x = jax.lax.conv_general_dilated(
+        images, conv_kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     x = max_pool(jax.nn.relu(x + conv_bias))
     # NHWC flatten, the order of Keras' channels_last Flatten, so dense_kernel fits as is.
     x = x.reshape(x.shape[0], -1)

@@ -12,9 +12,6 @@ ms/step. tensorflow 2.21.0:
     for reference, with tf.nn.max_pool2d: 193.8 (169-237) with XLA, 57.8 (48-73) without;
     with a strided pairwise maximum: 54.1 (42-71) with XLA (kept: fastest, and what the
     Keras model's TiledMaxPooling2D does), 175.2 (158-215) without.
-The convolution is the patch product the Keras model's PatchConv2D computes (conv, relu
-and their gradients under XLA: 12.7 ms with tf.nn.conv2d, 9.4 ms as patches @ kernel,
-measured interleaved in one process under load).
 """
 
 from __future__ import annotations
@@ -45,20 +42,10 @@ def max_pool(x):
     return tf.maximum(top, bottom)
 
 
-def conv2d(images, kernel):
-    """Valid, stride-1 convolution of NHWC `images` with an HWIO `kernel`, as one matrix
-    product of the image patches, like the Keras model's PatchConv2D (timings above)."""
-    kernel_height, kernel_width, channels, filters = kernel.shape
-    out_height, out_width = images.shape[1] - kernel_height + 1, images.shape[2] - kernel_width + 1
-    patches = tf.concat([images[:, i : i + out_height, j : j + out_width, :]
-                         for i in range(kernel_height) for j in range(kernel_width)], axis=-1)
-    return tf.matmul(patches, tf.reshape(kernel, (kernel_height * kernel_width * channels, filters)))
-
-
 def forward(params, images):
     """Logits (N,10) of NHWC `images`."""
     conv_kernel, conv_bias, dense_kernel, dense_bias, output_kernel, output_bias = params
-    x = conv2d(images, conv_kernel)
+    x = tf.nn.conv2d(images, conv_kernel, strides=1, padding="VALID")
     x = max_pool(tf.nn.relu(x + conv_bias))
     # NHWC flatten, the order of Keras' channels_last Flatten, so dense_kernel fits as is.
     x = tf.reshape(x, (-1, x.shape[1] * x.shape[2] * x.shape[3]))
