@@ -126,6 +126,8 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
         "peak_device_mb": backend_module().peak_device_memory_mb(),
     }
     write_json(output_dir / "run.json", result)
+    median = result["step_ms_median"]
+    step = f"median step {median:.1f} ms" if median is not None else "too few steps past warm-up for a median step time"
     log(f"test accuracy {test['test_accuracy']:.4f} (loss {test['test_loss']:.4f}); "
-        f"median step {result['step_ms_median'] or float('nan'):.1f} ms; wrote {output_dir}/model.keras, run.json, curves.png")
+        f"{step}; wrote {output_dir}/model.keras, run.json, curves.png")
     return result
