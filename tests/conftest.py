@@ -1,6 +1,9 @@
 """Fixtures shared by the whole test suite."""
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -22,38 +25,47 @@ def mnist_arrays():
 BACKEND_CHECKS = ["architecture", "short_training", "equivalence", "checkpoint_safety", "framework_baseline", "fast_pooling"]
 
 
+class PerBackend:
+    """One subprocess per installed backend, all started at the first request for any
+    of them (they overlap their single-threaded phases on the cores), each awaited only
+    when its own result is asked for."""
+
+    def __init__(self, start, collect):
+        self.start, self.collect = start, collect
+        self.started, self.results = {}, {}
+
+    def __call__(self, backend: str):
+        from tests.helpers import BACKENDS, installed, require_backend
+
+        require_backend(backend)
+        if not self.started:
+            self.started = {name: self.start(name) for name in BACKENDS if installed(name)}
+        if backend not in self.results:
+            self.results[backend] = self.collect(backend, self.started[backend])
+        return self.results[backend]
+
+
 @pytest.fixture(scope="session")
 def backend_results(tmp_path_factory):
     """backend -> {check: {"ok", "value" | "error"}}; each backend's checks run once."""
-    from tests.helpers import require_backend, run_backend_checks
+    from tests.helpers import backend_check_results, start_backend_checks
 
-    cache = {}
-
-    def results(backend: str) -> dict:
-        require_backend(backend)
-        if backend not in cache:
-            cache[backend] = run_backend_checks(backend, tmp_path_factory.mktemp(f"checks-{backend}"), BACKEND_CHECKS)
-        return cache[backend]
-
-    return results
+    return PerBackend(
+        lambda backend: start_backend_checks(backend, tmp_path_factory.mktemp(f"checks-{backend}"), BACKEND_CHECKS),
+        lambda backend, started: backend_check_results(started))
 
 
 @pytest.fixture(scope="session")
 def dry_runs(tmp_path_factory):
     """backend -> (finished `train.py --dry-run` process, its output dir); run once per
     backend and shared, as the NaN test starts from the checkpoint it leaves."""
-    from tests.helpers import require_backend, run_python
+    from tests.helpers import StartedPython
 
-    cache = {}
+    def start(backend):
+        workdir = tmp_path_factory.mktemp(f"dry-run-{backend}")
+        return StartedPython(["train.py", "--dry-run", "--output-dir", workdir / "run"], backend, workdir / "logs"), workdir / "run"
 
-    def results(backend: str):
-        require_backend(backend)
-        if backend not in cache:
-            output = tmp_path_factory.mktemp(f"dry-run-{backend}") / "run"
-            cache[backend] = run_python(["train.py", "--dry-run", "--output-dir", output], backend, timeout=300), output
-        return cache[backend]
-
-    return results
+    return PerBackend(start, lambda backend, started: (started[0].wait(300), started[1]))
 
 
 @pytest.fixture(scope="session")
@@ -61,23 +73,55 @@ def cross_loaded(backend_results, dry_runs, tmp_path_factory):
     """loader -> {saver: predictions file}: one process per loader backend loads every
     backend's checkpoint, and its own dry run's model.keras, and predicts all 10,000
     test images with each."""
-    from tests.helpers import BACKENDS, TRAIN_PY_MODEL, check_value, require_backend, run_backend_checks
+    from tests.helpers import BACKENDS, TRAIN_PY_MODEL, backend_check_results, check_value, start_backend_checks
 
-    cache = {}
+    def start(loader):
+        checkpoints = {saver: check_value(backend_results(saver), "equivalence")["checkpoint"] for saver in BACKENDS}
+        dry_run, output = dry_runs(loader)
+        if dry_run.returncode == 0:
+            checkpoints[TRAIN_PY_MODEL] = str(output / "model.keras")
+        return start_backend_checks(loader, tmp_path_factory.mktemp(f"load-{loader}"), ["load_checkpoints"],
+                                    env={"CHECKPOINTS": json.dumps(checkpoints)})
 
-    def results(loader: str) -> dict:
-        require_backend(loader)
-        if loader not in cache:
-            checkpoints = {}
-            for saver in BACKENDS:
-                require_backend(saver)
-                checkpoints[saver] = check_value(backend_results(saver), "equivalence")["checkpoint"]
-            dry_run, output = dry_runs(loader)
-            if dry_run.returncode == 0:
-                checkpoints[TRAIN_PY_MODEL] = str(output / "model.keras")
-            workdir = tmp_path_factory.mktemp(f"load-{loader}")
-            out = run_backend_checks(loader, workdir, ["load_checkpoints"], env={"CHECKPOINTS": json.dumps(checkpoints)})
-            cache[loader] = check_value(out, "load_checkpoints")
-        return cache[loader]
+    return PerBackend(start, lambda loader, started: check_value(backend_check_results(started), "load_checkpoints"))
 
-    return results
+
+# ----------------------------------------------------------------------------- compare.py --quick
+
+QUICK_COMPARE = pytest.StashKey[tuple]()
+
+
+def pytest_collection_finish(session):
+    """Start `compare.py --quick` in the background as soon as a selected test needs it:
+    it runs a dozen processes one after another, and started early it overlaps with the
+    backend subprocesses' single-threaded phases instead of adding its two minutes after
+    them. (Its timings are not asserted on; tests check correctness, compare.py speed.)"""
+    if any("quick_run" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests.helpers import REPO, StartedPython
+
+        workdir = Path(tempfile.mkdtemp(prefix="compare-quick-"))
+        started = StartedPython([REPO / "benchmarks" / "compare.py", "--quick", "--output-dir", workdir / "results"],
+                                None, workdir / "logs")
+        session.config.stash[QUICK_COMPARE] = (started, workdir)
+
+
+def pytest_sessionfinish(session):
+    started, workdir = session.config.stash.get(QUICK_COMPARE, (None, None))
+    if started is not None:
+        if started.process.poll() is None:
+            started.process.kill()
+            started.process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def quick_run(request):
+    """`compare.py --quick`, started at collection: (process, results JSON path, its contents)."""
+    started, workdir = request.config.stash[QUICK_COMPARE]
+    # Under 3 minutes on an idle 2-core machine; the limit leaves room for a busy one.
+    result = started.wait(timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    files = sorted((workdir / "results").glob("*.json"))
+    assert len(files) == 1, (list((workdir / "results").iterdir()), result.stderr[-2000:])
+    print(result.stderr)
+    return result, files[0], json.loads(files[0].read_text())

@@ -19,7 +19,7 @@ TRAIN_PY_MODEL = "train.py model.keras"
 
 def require_backend(backend: str) -> None:
     """Skip, with the reason, when a backend's framework is not installed."""
-    if importlib.util.find_spec(backend) is None:
+    if not installed(backend):
         pytest.skip(f"{backend} is not installed (pip install -c constraints.txt '.[{backend}]')")
 
 
@@ -36,15 +36,49 @@ def run_python(args, backend: str | None = None, timeout: float = 600, **kwargs)
                           timeout=timeout, **kwargs)
 
 
-def run_backend_checks(backend: str, workdir: Path, checks: list[str], timeout: float = 600, env=None) -> dict:
-    """Run tests/backend_checks.py under `backend`; returns {check: value}, failing the
-    test with the subprocess's traceback if a check raised."""
-    out = workdir / "results.json"
-    result = run_python([REPO / "tests" / "backend_checks.py", out, workdir, *checks], backend, timeout=timeout,
-                        env=env or {})
-    if not out.exists():
-        raise AssertionError(f"backend_checks under {backend} wrote nothing (rc={result.returncode}):\n{result.stderr[-4000:]}")
-    return json.loads(out.read_text())
+class StartedPython:
+    """A Python subprocess started now and waited for later. Starting one per backend at
+    once lets their single-threaded phases (imports, tracing, Python overhead) overlap on
+    the machine's cores instead of running one after another."""
+
+    def __init__(self, args, backend: str | None, logs: Path, env=None):
+        self.args = [sys.executable, *map(str, args)]
+        full_env = backend_env(backend) if backend else {**os.environ}
+        full_env.update(env or {})
+        logs.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(self.args, cwd=REPO, env=full_env, stdout=stdout, stderr=stderr)
+
+    def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        try:
+            returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        return subprocess.CompletedProcess(self.args, returncode, self.stdout_path.read_text(), self.stderr_path.read_text())
+
+
+def start_backend_checks(backend: str, workdir: Path, checks: list[str], env=None) -> StartedPython:
+    """Start tests/backend_checks.py under `backend`; collect with backend_check_results."""
+    started = StartedPython([REPO / "tests" / "backend_checks.py", workdir / "results.json", workdir, *checks], backend,
+                            workdir / "logs", env)
+    started.results_path = workdir / "results.json"
+    return started
+
+
+def backend_check_results(started: StartedPython, timeout: float = 600) -> dict:
+    """{check: value} of a started backend_checks.py, failing the test with the
+    subprocess's stderr if it wrote nothing."""
+    result = started.wait(timeout)
+    if not started.results_path.exists():
+        raise AssertionError(f"{' '.join(result.args[1:])} wrote nothing (rc={result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(started.results_path.read_text())
+
+
+def installed(backend: str) -> bool:
+    return importlib.util.find_spec(backend) is not None
 
 
 def check_value(results: dict, name: str):

@@ -3,7 +3,6 @@ and its answers to bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -16,31 +15,14 @@ from benchmarks.cells import CELL_FIELDS, Cell, build_matrix, cell_environment
 from benchmarks.initial_weights import CNN_WEIGHT_SHAPES, seeded_cnn_weights
 from benchmarks.measure import DEVICES, PATHS, timed_step_seconds
 from benchmarks.report import add_ratios, draw_chart, markdown_table, merge_cells
-from tests.helpers import BACKENDS, REPO, require_backend, run_python
+from tests.helpers import BACKENDS, REPO, installed, require_backend, run_python
 from tests.test_cli import assert_one_line_error
 
 COMPARE = REPO / "benchmarks" / "compare.py"
 MATRIX = set(itertools.product(BACKENDS, DEVICES, PATHS))
 
 
-def installed(backend: str) -> bool:
-    return importlib.util.find_spec(backend) is not None
-
-
 # ----------------------------------------------------------------------------- the quick run (CI)
-
-
-@pytest.fixture(scope="session")
-def quick_run(tmp_path_factory):
-    """`compare.py --quick` once for the session: (process, results JSON path, its contents)."""
-    output_dir = tmp_path_factory.mktemp("compare-quick")
-    # Under 3 minutes on an idle 2-core machine; the limit leaves room for a busy one.
-    result = run_python([COMPARE, "--quick", "--output-dir", output_dir], timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    files = sorted(output_dir.glob("*.json"))
-    assert len(files) == 1, (list(output_dir.iterdir()), result.stderr[-2000:])
-    print(result.stderr)
-    return result, files[0], json.loads(files[0].read_text())
 
 
 @pytest.mark.slow
