@@ -25,12 +25,17 @@ def mnist_arrays():
 BACKEND_CHECKS = ["architecture", "short_training", "equivalence", "checkpoint_safety", "framework_baseline", "fast_pooling"]
 
 
-class PerBackend:
-    """One subprocess per installed backend, all started at the first request for any
-    of them (they overlap their single-threaded phases on the cores), each awaited only
-    when its own result is asked for."""
+# The backends the selected tests are parametrized with (set at collection).
+SELECTED_BACKENDS = pytest.StashKey[set]()
 
-    def __init__(self, start, collect):
+
+class PerBackend:
+    """One subprocess per backend, those of every backend the selected tests use started
+    together at the first request for any (they overlap their single-threaded phases on
+    the cores), each awaited only when its own result is asked for."""
+
+    def __init__(self, config, start, collect):
+        self.selected = config.stash.get(SELECTED_BACKENDS, set())
         self.start, self.collect = start, collect
         self.started, self.results = {}, {}
 
@@ -39,24 +44,28 @@ class PerBackend:
 
         require_backend(backend)
         if not self.started:
-            self.started = {name: self.start(name) for name in BACKENDS if installed(name)}
+            wanted = {name for name in self.selected if installed(name)} | {backend}
+            self.started = {name: self.start(name) for name in BACKENDS if name in wanted}
+        if backend not in self.started:
+            self.started[backend] = self.start(backend)
         if backend not in self.results:
             self.results[backend] = self.collect(backend, self.started[backend])
         return self.results[backend]
 
 
 @pytest.fixture(scope="session")
-def backend_results(tmp_path_factory):
+def backend_results(request, tmp_path_factory):
     """backend -> {check: {"ok", "value" | "error"}}; each backend's checks run once."""
     from tests.helpers import backend_check_results, start_backend_checks
 
     return PerBackend(
+        request.config,
         lambda backend: start_backend_checks(backend, tmp_path_factory.mktemp(f"checks-{backend}"), BACKEND_CHECKS),
         lambda backend, started: backend_check_results(started))
 
 
 @pytest.fixture(scope="session")
-def dry_runs(tmp_path_factory):
+def dry_runs(request, tmp_path_factory):
     """backend -> (finished `train.py --dry-run` process, its output dir); run once per
     backend and shared, as the NaN test starts from the checkpoint it leaves."""
     from tests.helpers import StartedPython
@@ -65,11 +74,11 @@ def dry_runs(tmp_path_factory):
         workdir = tmp_path_factory.mktemp(f"dry-run-{backend}")
         return StartedPython(["train.py", "--dry-run", "--output-dir", workdir / "run"], backend, workdir / "logs"), workdir / "run"
 
-    return PerBackend(start, lambda backend, started: (started[0].wait(300), started[1]))
+    return PerBackend(request.config, start, lambda backend, started: (started[0].wait(300), started[1]))
 
 
 @pytest.fixture(scope="session")
-def cross_loaded(backend_results, dry_runs, tmp_path_factory):
+def cross_loaded(request, backend_results, dry_runs, tmp_path_factory):
     """loader -> {saver: predictions file}: one process per loader backend loads every
     backend's checkpoint, and its own dry run's model.keras, and predicts all 10,000
     test images with each."""
@@ -83,7 +92,7 @@ def cross_loaded(backend_results, dry_runs, tmp_path_factory):
         return start_backend_checks(loader, tmp_path_factory.mktemp(f"load-{loader}"), ["load_checkpoints"],
                                     env={"CHECKPOINTS": json.dumps(checkpoints)})
 
-    return PerBackend(start, lambda loader, started: check_value(backend_check_results(started), "load_checkpoints"))
+    return PerBackend(request.config, start, lambda loader, started: check_value(backend_check_results(started), "load_checkpoints"))
 
 
 # ----------------------------------------------------------------------------- compare.py --quick
@@ -92,10 +101,16 @@ QUICK_COMPARE = pytest.StashKey[tuple]()
 
 
 def pytest_collection_finish(session):
-    """Start `compare.py --quick` in the background as soon as a selected test needs it:
-    it runs a dozen processes one after another, and started early it overlaps with the
-    backend subprocesses' single-threaded phases instead of adding its two minutes after
-    them. (Its timings are not asserted on; tests check correctness, compare.py speed.)"""
+    """Note which backends the selected tests use, and start `compare.py --quick` in the
+    background when a selected test needs it: it runs a dozen processes one after
+    another, and started early it overlaps with the backend subprocesses' single-threaded
+    phases instead of adding its two minutes after them. (Its timings are not asserted
+    on; tests check correctness, compare.py measures speed.)"""
+    from tests.helpers import BACKENDS
+
+    session.config.stash[SELECTED_BACKENDS] = {
+        value for item in session.items for value in getattr(getattr(item, "callspec", None), "params", {}).values()
+        if isinstance(value, str) and value in BACKENDS}
     if any("quick_run" in getattr(item, "fixturenames", ()) for item in session.items):
         from tests.helpers import REPO, StartedPython
 
@@ -106,11 +121,16 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session):
-    started, workdir = session.config.stash.get(QUICK_COMPARE, (None, None))
-    if started is not None:
+    """No subprocess outlives the session (one whose result no test asked for, after -x
+    or a failure): kill what still runs, and remove the quick run's folder."""
+    from tests.helpers import StartedPython
+
+    for started in StartedPython.every:
         if started.process.poll() is None:
             started.process.kill()
             started.process.wait()
+    _, workdir = session.config.stash.get(QUICK_COMPARE, (None, None))
+    if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 

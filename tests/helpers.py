@@ -41,6 +41,8 @@ class StartedPython:
     once lets their single-threaded phases (imports, tracing, Python overhead) overlap on
     the machine's cores instead of running one after another."""
 
+    every: list["StartedPython"] = []  # all started in this session, for cleanup at its end
+
     def __init__(self, args, backend: str | None, logs: Path, env=None):
         self.args = [sys.executable, *map(str, args)]
         full_env = backend_env(backend) if backend else {**os.environ}
@@ -49,6 +51,7 @@ class StartedPython:
         self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
             self.process = subprocess.Popen(self.args, cwd=REPO, env=full_env, stdout=stdout, stderr=stderr)
+        StartedPython.every.append(self)
 
     def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
         try:
