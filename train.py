@@ -12,28 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.arguments import positive_float, positive_int
 from model.config import BACKENDS, STEPS, TrainConfig
 from model.runtime import UsageError, select_backend
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:

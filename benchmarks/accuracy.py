@@ -25,22 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import commit_info, describe_machine, machine_slug, package_versions  # noqa: E402
+from model.arguments import comma_list, positive_int  # noqa: E402
 from model.checkpoint import write_json  # noqa: E402
 from model.config import BACKENDS, TrainConfig  # noqa: E402
-
-
-def comma_list(kind, choices=None):
-    def parse(text: str):
-        try:
-            values = [kind(item) for item in text.split(",") if item]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
-        bad = [v for v in values if choices and v not in choices]
-        if not values or bad:
-            raise argparse.ArgumentTypeError(f"got {text!r}; valid: {', '.join(map(str, choices or []))}")
-        return values
-
-    return parse
 
 
 def run_one(backend: str, seed: int, epochs: int | None, workdir: Path) -> dict:
@@ -117,9 +104,9 @@ def report(paths: list[Path]) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backends", type=comma_list(str, BACKENDS), default=list(BACKENDS), help="backends to run")
+    parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=list(BACKENDS), help="backends to run")
     parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="seeds to run")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"override the recipe's epochs (default: the recipe's {TrainConfig().epochs})")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the JSON goes (default: benchmarks/results/<machine>/)")

@@ -22,41 +22,8 @@ from benchmarks.cells import build_matrix  # noqa: E402
 from benchmarks.measure import DEVICES, PATHS  # noqa: E402
 from benchmarks.report import ResultsFileError, load_runs, write_report  # noqa: E402
 from benchmarks.suite import MODES, run_suite  # noqa: E402
+from model.arguments import comma_list, positive_float  # noqa: E402
 from model.config import BACKENDS  # noqa: E402
-
-
-def positive_integers(text: str) -> list[int]:
-    values = []
-    for part in text.split(","):
-        try:
-            value = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-        values.append(value)
-    return list(dict.fromkeys(values))
-
-
-def choices_list(valid: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        values = [part.strip() for part in text.split(",") if part.strip()]
-        unknown = [value for value in values if value not in valid]
-        if unknown or not values:
-            raise argparse.ArgumentTypeError(f"got {text!r}; choose from {', '.join(valid)} (comma-separated)")
-        return list(dict.fromkeys(values))
-
-    return parse
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,15 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"every cell on {MODES['quick']['limit_train_batches']} batches of one epoch instead of "
                              f"{MODES['full']['epochs']} full epochs (default: off)")
-    parser.add_argument("--batch-sizes", type=positive_integers, default=[128], metavar="N[,N...]",
+    parser.add_argument("--batch-sizes", type=comma_list(int, positive=True), default=[128], metavar="N[,N...]",
                         help="training batch sizes to sweep (default: 128)")
-    parser.add_argument("--backends", type=choices_list(BACKENDS), default=list(BACKENDS), metavar="NAME[,NAME...]",
+    parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=list(BACKENDS), metavar="NAME[,NAME...]",
                         help=f"backends to time (default: {','.join(BACKENDS)})")
-    parser.add_argument("--devices", type=choices_list(DEVICES), default=list(DEVICES), metavar="NAME[,NAME...]",
+    parser.add_argument("--devices", type=comma_list(choices=DEVICES), default=list(DEVICES), metavar="NAME[,NAME...]",
                         help=f"devices; a GPU cell with no GPU is reported skipped (default: {','.join(DEVICES)})")
-    parser.add_argument("--paths", type=choices_list(PATHS), default=list(PATHS), metavar="NAME[,NAME...]",
+    parser.add_argument("--paths", type=comma_list(choices=PATHS), default=list(PATHS), metavar="NAME[,NAME...]",
                         help=f"training paths (default: {','.join(PATHS)})")
-    parser.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
+    parser.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                         help=f"per-cell time limit (default: {MODES['full']['timeout_s']} s, "
                              f"{MODES['quick']['timeout_s']} s with --quick)")
     parser.add_argument("--output-dir", default=None, metavar="DIR",
