@@ -3,6 +3,8 @@ with TensorFlow". Keras wraps it in tf.function (XLA when jit_compile is on)."""
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 NAME = "tensorflow"
@@ -43,6 +45,17 @@ def peak_device_memory_mb() -> float | None:
     if not tf.config.list_logical_devices("GPU"):
         return None
     return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+# ---------------------------------------------------------------------- layer kernels
+
+
+def max_pool(inputs, pool_size: int):
+    """Exact-tiling max pooling of NHWC `inputs` (TiledMaxPooling2D): the elementwise
+    maximum of the pool_size**2 strided sub-grids. Under XLA the stock layer's gradient
+    becomes select_and_scatter, a scalar loop nest on CPU; this one's is a compare-and-mask."""
+    tiles = [inputs[:, row::pool_size, column::pool_size, :] for row in range(pool_size) for column in range(pool_size)]
+    return functools.reduce(tf.maximum, tiles)
 
 
 # ---------------------------------------------------------------------- steps

@@ -1,4 +1,5 @@
-"""The one definition of the MNIST CNN, written only against `keras` and `keras.ops`.
+"""The one definition of the MNIST CNN, written against `keras`; the one layer with a
+per-backend kernel (TiledMaxPooling2D) takes it from backends/.
 
 Input(28,28,1) -> Conv2D(32,3,relu) -> MaxPooling2D(2) -> Flatten -> Dense(128,relu)
 -> Dense(10,softmax): 693,962 parameters, the same network as the Keras 2 original.
@@ -7,7 +8,6 @@ Input(28,28,1) -> Conv2D(32,3,relu) -> MaxPooling2D(2) -> Flatten -> Dense(128,r
 from __future__ import annotations
 
 import keras
-from keras import ops
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -16,16 +16,16 @@ POOLINGS = ("fast", "stock")
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class TiledMaxPooling2D(keras.layers.Layer):
-    """2x2/stride-2 max pooling over an exactly tiled input, written so that every
-    backend gets its fastest correct formulation.
+    """pxp/stride-p max pooling over an exactly tiled NHWC input, computed by each
+    backend's fastest correct kernel (`max_pool` in backends/<backend>_backend.py).
 
-    Same forward values as `keras.layers.MaxPooling2D(2)` when height and width are
-    even (tested). Why it exists: the stock layer's gradient is slow under XLA:CPU,
-    which lowers it to `select_and_scatter`, a scalar loop nest (about 69 of 90 ms per
-    step on JAX here). Under XLA (JAX, TensorFlow) this layer takes the elementwise
-    maximum of the p*p strided sub-grids, whose gradient is a cheap compare-and-mask
-    (measured faster than reshape + max); on torch the native max-pool kernel is
-    the fastest of the three and is used as is.
+    Same forward values as `keras.layers.MaxPooling2D(p)` when height and width are
+    divisible by p, gradients within 1e-5 (tested). Why it exists: under XLA (JAX,
+    TensorFlow) the stock layer's gradient is `select_and_scatter`, a scalar loop nest on
+    CPU (about 69 of 90 ms per step on JAX here), so XLA backends take the elementwise
+    maximum of the p*p strided sub-grids; on torch, Keras' `ops.max_pool` copies the
+    NHWC tensor to contiguous NCHW and back, so the torch kernel runs on a channels_last
+    view instead. The layer holds no weights and saves and loads on every backend.
     """
 
     def __init__(self, pool_size: int = 2, **kwargs):
@@ -47,15 +47,9 @@ class TiledMaxPooling2D(keras.layers.Layer):
             )
 
     def call(self, inputs):
-        p = self.pool_size
-        if keras.backend.backend() == "torch":
-            return ops.max_pool(inputs, pool_size=p, strides=p, padding="valid", data_format="channels_last")
-        pooled = None
-        for row in range(p):
-            for column in range(p):
-                tile = inputs[:, row::p, column::p, :]
-                pooled = tile if pooled is None else ops.maximum(pooled, tile)
-        return pooled
+        from backends import backend_module
+
+        return backend_module().max_pool(inputs, self.pool_size)
 
     def get_config(self):
         return {**super().get_config(), "pool_size": self.pool_size}
