@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import tensorflow as tf
 
 NAME = "tensorflow"
@@ -45,6 +46,31 @@ def peak_device_memory_mb() -> float | None:
     if not tf.config.list_logical_devices("GPU"):
         return None
     return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+# ---------------------------------------------------------------------- data
+
+
+def training_data(datamodule, first_epoch: int, stop_epoch: int):
+    """What fit() is fed: the data module's batches of epochs first_epoch to stop_epoch - 1,
+    as a tf.data pipeline that calls Python once per epoch (`datamodule.train_epoch`) and
+    slices the batches natively: the same batches, in the same order, as the generator
+    `datamodule.batches_from` the other backends are fed.
+    Keras' adapter for a generator (tf.data's from_generator, a Python call per batch)
+    measured 38-41 ms/step against 21-23 for this, batch 128, CPU, jit_compile on."""
+    image_shape = (None, *datamodule.x_train.shape[1:])
+
+    def epoch_arrays(epoch):
+        images, labels = datamodule.train_epoch(int(epoch))
+        return images.astype(np.float32, copy=False), labels.astype(np.int32, copy=False)
+
+    def epoch_batches(epoch):
+        images, labels = tf.numpy_function(epoch_arrays, [epoch], (tf.float32, tf.int32), stateful=False)
+        images.set_shape(image_shape)
+        labels.set_shape((None,))
+        return tf.data.Dataset.from_tensor_slices((images, labels)).batch(datamodule.batch_size)
+
+    return tf.data.Dataset.range(first_epoch, stop_epoch).flat_map(epoch_batches).prefetch(2)
 
 
 # ---------------------------------------------------------------------- layer kernels

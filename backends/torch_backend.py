@@ -46,6 +46,15 @@ def peak_device_memory_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+# ---------------------------------------------------------------------- data
+
+
+def training_data(datamodule, first_epoch: int, stop_epoch: int):
+    """What fit() is fed: the data module's batches of epochs first_epoch to stop_epoch - 1,
+    as a Python generator (Keras moves each batch to the device as it comes)."""
+    return datamodule.batches_from(first_epoch, stop_epoch)
+
+
 # ---------------------------------------------------------------------- layer kernels
 
 

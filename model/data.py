@@ -470,3 +470,11 @@ class MNISTDataModule:
         images, labels = self.train_epoch(epoch)
         for start in range(0, len(images), self.batch_size):
             yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
+
+    def batches_from(self, first_epoch: int, stop_epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Training batches of epochs first_epoch, first_epoch + 1, ..., stop_epoch - 1: what
+        fit() consumes on JAX and torch. (A generator, not a PyDataset: Keras' adapters
+        may peek and prefetch PyDataset items out of order; a generator is consumed
+        strictly in order, so the batches of epoch e are exactly train_batches(e).)"""
+        for epoch in range(first_epoch, stop_epoch):
+            yield from self.train_batches(epoch)

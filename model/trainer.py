@@ -33,18 +33,6 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
-def epoch_batches(datamodule: MNISTDataModule, first_epoch: int):
-    """Training batches of epoch `first_epoch`, then of the next epoch, and so on.
-
-    A generator, not a PyDataset: Keras' TensorFlow adapter peeks and prefetches
-    PyDataset items out of order, while a generator is consumed strictly in order, so
-    the batches of epoch e are exactly datamodule.train_batches(e) on every backend."""
-    epoch = first_epoch
-    while True:
-        yield from datamodule.train_batches(epoch)
-        epoch += 1
-
-
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Like keras.callbacks.TerminateOnNaN, but it raises, so the run exits non-zero
     with the epoch and step named, and no checkpoint is written after the bad step."""
@@ -160,7 +148,7 @@ class Trainer:
         validation = (datamodule.x_val, datamodule.y_val) if len(datamodule.x_val) else None
         if initial_epoch < self.max_epochs:
             module.fit(
-                epoch_batches(datamodule, initial_epoch),
+                backend.training_data(datamodule, initial_epoch, self.max_epochs),
                 steps_per_epoch=datamodule.steps_per_epoch,
                 shuffle=False,  # the data module already shuffled, by seed and epoch
                 epochs=self.max_epochs,

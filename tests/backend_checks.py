@@ -67,6 +67,30 @@ def short_training(workdir: Path) -> dict:
     }
 
 
+@check
+def training_data(workdir: Path) -> dict:
+    """What the backend's fit() is fed (backends/<backend>_backend.py training_data) against
+    the data module's own batches: epochs 1 and 2 of 3 batches, with the augmentation on
+    and a smaller last batch."""
+    import numpy as np
+
+    from backends import backend_module
+    from model.data import MNISTDataModule
+
+    datamodule = MNISTDataModule(batch_size=100, seed=3, limit_train_batches=3, rotation_degrees=10.0, zoom=0.1)
+    datamodule.setup()
+    datamodule.x_train, datamodule.y_train = datamodule.x_train[:250], datamodule.y_train[:250]
+    fed = [[np.asarray(part) for part in batch] for batch in backend_module().training_data(datamodule, 1, 3)]
+    expected = list(datamodule.batches_from(1, 3))
+    return {
+        "batch_sizes": [len(labels) for _, labels in fed],
+        "expected_batch_sizes": [len(labels) for _, labels in expected],
+        "dtypes": sorted({str(part.dtype) for batch in fed for part in batch}),
+        "all_equal": len(fed) == len(expected) and all(
+            np.array_equal(got, want) for batch, reference in zip(fed, expected) for got, want in zip(batch, reference)),
+    }
+
+
 # ------------------------------------------------------------------------ cross-backend checks
 
 

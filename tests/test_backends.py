@@ -39,6 +39,16 @@ def test_short_training_on_real_mnist_learns(backend, backend_results):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fit_is_fed_the_data_modules_batches_in_order(backend, backend_results):
+    fed = check_value(backend_results(backend), "training_data")
+    # 250 images, batches of 100: 100, 100, 50 per epoch, for epochs 1 and 2.
+    assert fed["expected_batch_sizes"] == [100, 100, 50] * 2
+    assert fed["batch_sizes"] == fed["expected_batch_sizes"]
+    assert fed["dtypes"] == ["float32", "int32"]
+    assert fed["all_equal"], "the batches fit() is fed differ from MNISTDataModule.batches_from's"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_train_py_dry_run_writes_model_run_json_and_curves(backend, dry_runs, cross_loaded, mnist_arrays):
     result, output = dry_runs(backend)
     assert result.returncode == 0, result.stderr[-3000:]
