@@ -126,13 +126,13 @@ def _save_arrays(path: Path, arrays) -> str:
 
 
 @functools.cache
-def _twenty_steps(step: str):
+def _twenty_steps(step: str, ema_momentum: float | None = None):
     """(trainer, trained module): 20 deterministic Adam steps (lr 1e-3) with `step` from the
     seed-0 weights on the first 20 batches. Cached: several checks compare against it."""
     from model.trainer import Trainer
 
     trainer = Trainer(max_epochs=1, limit_train_batches=20, deterministic=True, verbose=0)
-    return trainer, trainer.fit(_module(step=step, lr=1e-3), _datamodule())
+    return trainer, trainer.fit(_module(step=step, lr=1e-3, ema_momentum=ema_momentum), _datamodule())
 
 
 @check
@@ -269,7 +269,18 @@ def framework_baseline(workdir: Path) -> dict:
     losses = [baseline.loss_value(baseline.train_step(images, labels)) for images, labels in datamodule.train_batches(0)]
     trainer, trained = _twenty_steps("keras")
     baseline_weights = baseline.get_weights()
+    # The same with a moving average of the weights (momentum 0.9, so that 20 steps move it
+    # well away from the weights); both end with the average as their weights.
+    averaging = load_baseline(keras.backend.backend()).build(initial, lr=1e-3, ema_momentum=0.9)
+    for images, labels in datamodule.train_batches(0):
+        averaging.train_step(images, labels)
+    _, averaged = _twenty_steps("keras", ema_momentum=0.9)
     return {
+        "ema_max_weight_difference": max(
+            float(np.abs(a - b).max()) for a, b in zip(averaging.get_weights(), _weights(averaged))),
+        # How far the average is from the plain weights the same 20 steps end with.
+        "ema_max_average_vs_weights": max(
+            float(np.abs(a - b).max()) for a, b in zip(_weights(averaged), baseline_weights)),
         "baseline_losses": losses,
         "keras_epoch_loss": trainer.history[0]["loss"],
         "keras_steps": int(keras.ops.convert_to_numpy(trained.optimizer.iterations)),

@@ -23,6 +23,12 @@ def test_baseline_matches_keras_over_twenty_adam_steps(backend, backend_results)
     assert np.mean(losses) == pytest.approx(run["keras_epoch_loss"], rel=1e-3)
     # From chance level (~2.3) the loss must fall; a baseline that did not update would not.
     assert np.mean(losses[:5]) > np.mean(losses[-5:])
+    # With a moving average of the weights (Keras' Adam(use_ema=True)) both end with the
+    # average in place of the weights, and the two averages agree as the weights do.
+    print(f"{backend} with EMA: max abs difference {run['ema_max_weight_difference']:.3g} "
+          f"(average vs plain weights {run['ema_max_average_vs_weights']:.3g})")
+    assert run["ema_max_average_vs_weights"] > 1e-3
+    assert run["ema_max_weight_difference"] <= 1e-4
 
 
 def test_unknown_backend_names_what_it_received_and_what_is_valid():

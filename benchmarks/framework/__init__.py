@@ -3,10 +3,13 @@ framework, with no Keras import, to measure what Keras' own step costs on top.
 
 Each baseline file mirrors the others: the same public names in the same order, the
 same section comments, so that diffing two of them shows only framework lines. Each
-exposes `build(weights, lr, decay_steps=0) -> Baseline`, where `weights` are in Keras'
-order and layout (`model.cnn.seeded_weights`): conv kernel (3,3,1,32) HWIO, conv bias
+exposes `build(weights, lr, decay_steps=0, ema_momentum=None) -> Baseline`, where
+`weights` are in Keras' order and layout (`model.cnn.seeded_weights`): conv kernel (3,3,1,32) HWIO, conv bias
 (32,), dense kernel (5408,128), dense bias (128,), output kernel (128,10), output bias
-(10,). Images are float32 NHWC (N,28,28,1) in [0, 1], labels int32 (N,).
+(10,). Images are float32 NHWC (N,28,28,1) in [0, 1], labels int32 (N,). With
+ema_momentum, a baseline keeps Keras' exponential moving average of the weights
+(`Adam(use_ema=True)`), and its trained weights (`get_weights`, `predict`) are the average,
+as Keras puts the average in place when fit() ends.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ PREDICT_BATCH_SIZE = 1000
 
 
 class TrainState(NamedTuple):
-    """Weights (Keras order), Adam's first and second moments, and how many updates
-    were done (what Keras' `optimizer.iterations` counts)."""
+    """Weights (Keras order), Adam's first and second moments, how many updates were
+    done (what Keras' `optimizer.iterations` counts) and the weights' moving average
+    (None without EMA)."""
 
     params: Any
     momentums: Any
     velocities: Any
     iterations: Any
+    averages: Any = None
 
 
 def load_baseline(backend: str) -> ModuleType:

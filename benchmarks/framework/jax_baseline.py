@@ -77,7 +77,7 @@ def learning_rate(lr: float, decay_steps: int, iterations):
     return jnp.float32(lr) * (0.5 * (1.0 + jnp.cos(jnp.float32(np.pi) * fraction)))
 
 
-def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
+def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None):
     """One Adam step; returns (loss, new state)."""
 
     # Forward pass
@@ -94,17 +94,24 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
     momentums = [m + (g - m) * (1 - BETA_1) for m, g in zip(state.momentums, gradients)]
     velocities = [v + (jnp.square(g) - v) * (1 - BETA_2) for v, g in zip(state.velocities, gradients)]
     params = [w - (m * alpha) / (jnp.sqrt(v) + EPSILON) for w, m, v in zip(state.params, momentums, velocities)]
-    return loss, TrainState(params, momentums, velocities, state.iterations + 1)
+
+    # Update the moving average (Keras: it starts as the first step's weights)
+    averages = state.averages
+    if ema_momentum is not None:
+        momentum = jnp.where(state.iterations == 0, 0.0, ema_momentum).astype(jnp.float32)
+        averages = [momentum * a + (1 - momentum) * w for a, w in zip(averages, params)]
+    return loss, TrainState(params, momentums, velocities, state.iterations + 1, averages)
 
 
 # ---------------------------------------------------------------------- baseline
 
 
 class Baseline:
-    def __init__(self, state: TrainState, lr: float, decay_steps: int):
+    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None):
         self.state = state
         # Donated: the step's outputs reuse the buffers of the state it consumed.
-        self._step = jax.jit(functools.partial(train_step, lr=lr, decay_steps=decay_steps), donate_argnums=0)
+        self._step = jax.jit(functools.partial(train_step, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum),
+                             donate_argnums=0)
         self._predict = jax.jit(lambda params, images: jax.nn.softmax(forward(params, images)))
 
     def train_step(self, images, labels):
@@ -121,12 +128,16 @@ class Baseline:
 
     def predict(self, images) -> np.ndarray:
         return np.concatenate([
-            np.asarray(self._predict(self.state.params, images[start : start + PREDICT_BATCH_SIZE]))
+            np.asarray(self._predict(self.trained_params(), images[start : start + PREDICT_BATCH_SIZE]))
             for start in range(0, len(images), PREDICT_BATCH_SIZE)
         ])
 
+    def trained_params(self):
+        """The weights training produced: the moving average with EMA on."""
+        return self.state.params if self.state.averages is None else self.state.averages
+
     def get_weights(self) -> list[np.ndarray]:
-        return [np.asarray(w) for w in self.state.params]
+        return [np.asarray(w) for w in self.trained_params()]
 
     def device_name(self) -> str:
         device = jax.devices()[0]
@@ -138,14 +149,16 @@ class Baseline:
         return None if peak is None else peak / 2**20
 
 
-def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0) -> Baseline:
+def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None) -> Baseline:
     """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
-    learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0."""
+    learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0, and
+    a moving average of the weights with `ema_momentum`."""
     params = [jnp.asarray(w, dtype=jnp.float32) for w in weights]
     state = TrainState(
         params=params,
         momentums=[jnp.zeros_like(w) for w in params],
         velocities=[jnp.zeros_like(w) for w in params],
         iterations=jnp.zeros((), dtype=jnp.int32),
+        averages=None if ema_momentum is None else [jnp.zeros_like(w) for w in params],
     )
-    return Baseline(state, lr, decay_steps)
+    return Baseline(state, lr, decay_steps, ema_momentum)

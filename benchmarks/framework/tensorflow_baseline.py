@@ -70,7 +70,7 @@ def learning_rate(lr: float, decay_steps: int, iterations):
     return lr * (0.5 * (1.0 + tf.cos(np.pi * fraction)))
 
 
-def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
+def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None):
     """One Adam step; returns (loss, state), the state's variables updated in place."""
 
     # Forward pass
@@ -88,6 +88,12 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
         m.assign_add((g - m) * (1 - BETA_1))
         v.assign_add((tf.square(g) - v) * (1 - BETA_2))
         w.assign_sub((m * alpha) / (tf.sqrt(v) + EPSILON))
+
+    # Update the moving average (Keras: it starts as the first step's weights)
+    if ema_momentum is not None:
+        momentum = tf.cast(tf.not_equal(state.iterations, 0), tf.float32) * ema_momentum
+        for a, w in zip(state.averages, state.params):
+            a.assign(momentum * a + (1 - momentum) * w)
     state.iterations.assign_add(1)
     return loss, state
 
@@ -96,13 +102,13 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
 
 
 class Baseline:
-    def __init__(self, state: TrainState, lr: float, decay_steps: int):
+    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None):
         self.state = state
-        step = functools.partial(train_step, state, lr=lr, decay_steps=decay_steps)
+        step = functools.partial(train_step, state, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum)
         # A tf.function returns the values of variables, not the variables: keep the loss only.
         self._step = tf.function(lambda images, labels: step(images, labels)[0], jit_compile=JIT_COMPILE,
                                  reduce_retracing=True)
-        self._predict = tf.function(lambda images: tf.nn.softmax(forward(state.params, images)),
+        self._predict = tf.function(lambda images: tf.nn.softmax(forward(self.trained_params(), images)),
                                     jit_compile=JIT_COMPILE, reduce_retracing=True)
 
     def train_step(self, images, labels):
@@ -122,8 +128,12 @@ class Baseline:
             for start in range(0, len(images), PREDICT_BATCH_SIZE)
         ])
 
+    def trained_params(self):
+        """The weights training produced: the moving average with EMA on."""
+        return self.state.params if self.state.averages is None else self.state.averages
+
     def get_weights(self) -> list[np.ndarray]:
-        return [w.numpy() for w in self.state.params]
+        return [w.numpy() for w in self.trained_params()]
 
     def device_name(self) -> str:
         gpus = tf.config.list_logical_devices("GPU")
@@ -135,14 +145,16 @@ class Baseline:
         return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
 
 
-def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0) -> Baseline:
+def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None) -> Baseline:
     """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
-    learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0."""
+    learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0, and
+    a moving average of the weights with `ema_momentum`."""
     params = [tf.Variable(np.asarray(w, dtype=np.float32)) for w in weights]
     state = TrainState(
         params=params,
         momentums=[tf.Variable(tf.zeros_like(w)) for w in params],
         velocities=[tf.Variable(tf.zeros_like(w)) for w in params],
         iterations=tf.Variable(0, dtype=tf.int64),
+        averages=None if ema_momentum is None else [tf.Variable(tf.zeros_like(w)) for w in params],
     )
-    return Baseline(state, lr, decay_steps)
+    return Baseline(state, lr, decay_steps, ema_momentum)

@@ -81,7 +81,7 @@ def learning_rate(lr: float, decay_steps: int, iterations: int):
     return np.float32(lr) * (np.float32(0.5) * (np.float32(1.0) + np.cos(np.float32(np.pi) * fraction)))
 
 
-def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
+def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None):
     """One Adam step; returns (loss, state), the state's tensors updated in place."""
 
     # Forward pass
@@ -104,6 +104,12 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
         denominators = torch._foreach_add(torch._foreach_sqrt(state.velocities), EPSILON)
         torch._foreach_sub_(state.params, torch._foreach_div(torch._foreach_mul(state.momentums, float(alpha)),
                                                              denominators))
+
+        # Update the moving average (Keras: it starts as the first step's weights)
+        if ema_momentum is not None:
+            momentum = np.float32(ema_momentum if state.iterations else 0.0)
+            torch._foreach_mul_(state.averages, float(momentum))
+            torch._foreach_add_(state.averages, torch._foreach_mul(state.params, float(np.float32(1) - momentum)))
     return loss.detach(), state._replace(iterations=state.iterations + 1)
 
 
@@ -111,10 +117,10 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int):
 
 
 class Baseline:
-    def __init__(self, state: TrainState, lr: float, decay_steps: int):
+    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None):
         self.state = state
         # Eager: the step is the plain function.
-        self._step = functools.partial(train_step, lr=lr, decay_steps=decay_steps)
+        self._step = functools.partial(train_step, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum)
 
     def train_step(self, images, labels):
         """One Adam step on a batch; returns the loss, still on the device (no sync)."""
@@ -134,13 +140,17 @@ class Baseline:
     def predict(self, images) -> np.ndarray:
         with torch.no_grad():
             return np.concatenate([
-                F.softmax(forward(self.state.params, torch.as_tensor(images[start : start + PREDICT_BATCH_SIZE])
+                F.softmax(forward(self.trained_params(), torch.as_tensor(images[start : start + PREDICT_BATCH_SIZE])
                                   .to(DEVICE)), dim=-1).cpu().numpy()
                 for start in range(0, len(images), PREDICT_BATCH_SIZE)
             ])
 
+    def trained_params(self):
+        """The weights training produced: the moving average with EMA on."""
+        return self.state.params if self.state.averages is None else self.state.averages
+
     def get_weights(self) -> list[np.ndarray]:
-        return [w.detach().cpu().numpy().copy() for w in self.state.params]
+        return [w.detach().cpu().numpy().copy() for w in self.trained_params()]
 
     def device_name(self) -> str:
         if DEVICE.type == "cuda":
@@ -153,14 +163,16 @@ class Baseline:
         return torch.cuda.max_memory_allocated() / 2**20
 
 
-def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0) -> Baseline:
+def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None) -> Baseline:
     """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
-    learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0."""
+    learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0, and
+    a moving average of the weights with `ema_momentum`."""
     params = [torch.tensor(np.asarray(w, dtype=np.float32), device=DEVICE, requires_grad=True) for w in weights]
     state = TrainState(
         params=params,
         momentums=[torch.zeros_like(w, requires_grad=False) for w in params],
         velocities=[torch.zeros_like(w, requires_grad=False) for w in params],
         iterations=0,
+        averages=None if ema_momentum is None else [torch.zeros_like(w, requires_grad=False) for w in params],
     )
-    return Baseline(state, lr, decay_steps)
+    return Baseline(state, lr, decay_steps, ema_momentum)
