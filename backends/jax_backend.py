@@ -60,6 +60,14 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     return datamodule.batches_from(first_epoch, stop_epoch)
 
 
+# ---------------------------------------------------------------------- optimizer
+
+
+def fuse_optimizer(optimizer) -> None:
+    """Nothing to do: XLA fuses Keras' per-weight optimizer updates (the weight average
+    included) into the compiled step."""
+
+
 # ---------------------------------------------------------------------- layer kernels
 
 

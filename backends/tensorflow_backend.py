@@ -73,6 +73,14 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     return tf.data.Dataset.range(first_epoch, stop_epoch).flat_map(epoch_batches).prefetch(2)
 
 
+# ---------------------------------------------------------------------- optimizer
+
+
+def fuse_optimizer(optimizer) -> None:
+    """Nothing to do: XLA fuses Keras' per-weight optimizer updates (the weight average
+    included) into the compiled step."""
+
+
 # ---------------------------------------------------------------------- layer kernels
 
 

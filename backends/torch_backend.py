@@ -56,6 +56,32 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     return datamodule.batches_from(first_epoch, stop_epoch)
 
 
+# ---------------------------------------------------------------------- optimizer
+
+
+def fuse_optimizer(optimizer) -> None:
+    """Give `optimizer`'s moving average of the weights (Adam use_ema) Keras' own formula,
+    momentum * average + (1 - momentum) * weight with momentum 0 on the first update, in
+    two `_foreach` kernels for all weights. Keras runs five eager ops per weight there:
+    2.3 of the 5.6 ms of an Adam step here, against 0.3 ms fused. Only this instance's
+    method is replaced (a subclass would lose Keras' `_foreach` Adam on torch, which
+    `TorchOptimizer.__new__` picks for the exact Adam class only); nothing is saved
+    differently. The momentum stays on the device: no host sync."""
+    if not getattr(optimizer, "use_ema", False):
+        return
+
+    def update_moving_average(variables):
+        pairs = [(average.value, variable.value)
+                 for variable, average in zip(variables, optimizer._model_variables_moving_average)
+                 if average is not None]
+        averages, weights = [average for average, _ in pairs], [weight for _, weight in pairs]
+        momentum = (optimizer.iterations.value != 0).to(torch.float32) * optimizer.ema_momentum
+        torch._foreach_mul_(averages, momentum)
+        torch._foreach_add_(averages, torch._foreach_mul(weights, 1 - momentum))
+
+    optimizer._update_model_variables_moving_average = update_moving_average
+
+
 # ---------------------------------------------------------------------- layer kernels
 
 

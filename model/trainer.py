@@ -139,6 +139,7 @@ class Trainer:
             module, initial_epoch, history, best = self._restore(datamodule)
         if not module.compiled:
             module.configure(jit_compile=self.jit_compile)
+        backend.fuse_optimizer(module.optimizer)
         callbacks = [StopOnNonFiniteLoss(), self.timer]
         checkpoint = None
         if self.checkpoint_dir is not None:

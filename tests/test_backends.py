@@ -79,3 +79,16 @@ def test_fast_pooling_equals_stock_max_pooling(backend, backend_results):
     assert result["probabilities_equal"]
     print(f"pooling on {backend}: gradient max relative difference {result['gradient_max_relative_difference']:.3g}")
     assert result["gradient_max_relative_difference"] <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_weight_average_equals_keras_own(backend, backend_results):
+    """backends/<backend>.fuse_optimizer: on torch the weight average runs as two _foreach
+    kernels; its values must be Keras' own, and Keras' torch Adam must stay in place."""
+    run = check_value(backend_results(backend), "moving_average")
+    assert run["classes"][0] == run["classes"][1]
+    # Keras called the fused update once per step on torch; XLA backends keep Keras' own.
+    assert run["fused_calls"] == (3 if backend == "torch" else 0)
+    assert run["max_average_vs_weights"] > 1e-2
+    assert run["max_average_difference"] <= 1e-6
+    assert run["max_weight_difference"] == 0.0
