@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from model.arguments import positive_float, positive_int
-from model.config import BACKENDS, STEPS, TrainConfig
+from model.config import BACKENDS, POOLINGS, STEPS, TrainConfig
 from model.runtime import UsageError, select_backend
 
 
@@ -36,8 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--step", choices=STEPS, default=defaults.step,
                         help="Keras' built-in train step or the backends/ native one")
     parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.keras")
-    parser.add_argument("--pooling", choices=("fast", "stock"), default=defaults.pooling,
-                        help="max-pool layer: reshape+max (fast) or keras.layers.MaxPooling2D (stock)")
+    parser.add_argument("--pooling", choices=POOLINGS, default=defaults.pooling,
+                        help="max-pool layer: TiledMaxPooling2D, each backend's fastest exact kernel (fast), "
+                             "or keras.layers.MaxPooling2D (stock)")
     parser.add_argument("--no-augment", action="store_true",
                         help="train without the random shift/rotation/zoom augmentation")
     return parser.parse_args(argv)

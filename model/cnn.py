@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import keras
 
+from model.config import POOLINGS
+
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
-POOLINGS = ("fast", "stock")
 
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 BACKENDS = ("jax", "tensorflow", "torch")
 STEPS = ("keras", "native")
+# "fast": TiledMaxPooling2D (model/cnn.py); "stock": keras.layers.MaxPooling2D.
+POOLINGS = ("fast", "stock")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class TrainConfig:
     dry_run: bool = False
     # "keras": Keras' built-in train_step; "native": the backends/ step.
     step: str = "keras"
-    # "fast": the reshape+max pooling layer; "stock": keras.layers.MaxPooling2D.
+    # One of POOLINGS.
     pooling: str = "fast"
     data: str | None = None
     output_dir: str = "runs/latest"
