@@ -416,6 +416,20 @@ def test_shift_keeps_channel_axis(full_frame_images):
     np.testing.assert_array_equal(shifted[:, 1:], images[:, :-1])
 
 
+def test_shift_with_index_gathers_and_shifts_in_one_pass(full_frame_images):
+    # What train_epoch does: each epoch's shuffled order and shifts in one call.
+    index = np.array([3, 0, 0, 2, 1, 3])
+    shifts = np.array([[1, 0], [0, 0], [-2, 1], [1, 0], [2, 2], [0, -1]])
+    np.testing.assert_array_equal(shift_images(full_frame_images, shifts, index=index),
+                                  shift_images(full_frame_images[index], shifts))
+
+
+def test_shift_out_of_the_frame_is_all_background(full_frame_images):
+    shifted = shift_images(full_frame_images, np.array([[28, 0], [0, -30], [0, 0], [-5, 1]]))
+    assert not shifted[:2].any()
+    np.testing.assert_array_equal(shifted[2], full_frame_images[2])
+
+
 # ----------------------------------------------------------------------------- data module
 
 
