@@ -386,10 +386,17 @@ def shift_images(images: np.ndarray, shifts: np.ndarray, index: np.ndarray | Non
 
 
 def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shifts: np.ndarray,
-                chunk: int = 4096) -> np.ndarray:
+                index: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
     """Rotate (radians), scale and shift (pixels, may be fractional) each image about its
-    centre, sampling bilinearly with zero (background) fill. float32 (N,H,W,1) in and out."""
-    n, height, width = images.shape[:3]
+    centre, sampling bilinearly with zero (background) fill. float32 (N,H,W,1) in and out;
+    `index` (M,) picks which image each output is (default: all N in order), with
+    angles, scales and shifts given per output.
+
+    Done in chunks of `chunk` images so that the ~50 intermediate arrays of a chunk stay
+    in the CPU's cache: 256 takes 0.9-1.0 s for an epoch of 55,000 here, 4096 took
+    2.2-3.1 s (the values do not depend on the chunk size)."""
+    index = np.arange(len(images)) if index is None else np.asarray(index)
+    n, (height, width) = len(index), images.shape[1:3]
     out = np.empty((n, height, width, 1), dtype=np.float32)
     # Output pixel p maps back to source q = R(-angle) (p - centre - shift) / scale + centre.
     centre_y, centre_x = (height - 1) / 2.0, (width - 1) / 2.0
@@ -404,7 +411,7 @@ def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shif
         source_y = (cos * dy + sin * dx) * inverse_scale + centre_y
         source_x = (-sin * dy + cos * dx) * inverse_scale + centre_x
         # One pixel of zero padding lets every bilinear neighbour be gathered unchecked.
-        padded = np.pad(images[start:stop, :, :, 0], ((0, 0), (1, 1), (1, 1)))
+        padded = np.pad(images[index[start:stop], :, :, 0], ((0, 0), (1, 1), (1, 1)))
         top = np.floor(source_y)
         left = np.floor(source_x)
         weight_y = source_y - top
@@ -475,7 +482,7 @@ class MNISTDataModule:
             angles = np.deg2rad(rng.uniform(-self.rotation_degrees, self.rotation_degrees, count))
             scales = rng.uniform(1.0 - self.zoom, 1.0 + self.zoom, count)
             shifts = rng.uniform(-self.shift_pixels, self.shift_pixels, (count, 2))
-            images = warp_images(self.x_train[order], angles[: len(order)], scales[: len(order)], shifts[: len(order)])
+            images = warp_images(self.x_train, angles[: len(order)], scales[: len(order)], shifts[: len(order)], index=order)
         else:
             images = shift_images(self.x_train, self.epoch_shifts(epoch)[: len(order)], index=order)
         return images, self.y_train[order]

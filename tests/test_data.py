@@ -32,6 +32,7 @@ from model.data import (
     read_idx_folder,
     read_mnist_pickle,
     shift_images,
+    warp_images,
     verify_mnist,
     write_cache,
 )
@@ -428,6 +429,24 @@ def test_shift_out_of_the_frame_is_all_background(full_frame_images):
     shifted = shift_images(full_frame_images, np.array([[28, 0], [0, -30], [0, 0], [-5, 1]]))
     assert not shifted[:2].any()
     np.testing.assert_array_equal(shifted[2], full_frame_images[2])
+
+
+def test_warp_without_rotation_or_zoom_is_the_whole_pixel_shift(full_frame_images):
+    images = (full_frame_images / 255.0).astype(np.float32)[..., None]
+    shifts = np.array([[0, 0], [1, -2], [-2, 1], [2, 2]])
+    warped = warp_images(images, np.zeros(4), np.ones(4), shifts.astype(float))
+    np.testing.assert_array_equal(warped, shift_images(images, shifts))
+
+
+def test_warp_with_index_and_any_chunk_size_gives_the_same_images(full_frame_images):
+    images = (full_frame_images / 255.0).astype(np.float32)[..., None]
+    rng = np.random.default_rng(0)
+    index = np.array([2, 0, 3, 3, 1, 0, 2])
+    angles, scales, shifts = rng.uniform(-0.2, 0.2, 7), rng.uniform(0.9, 1.1, 7), rng.uniform(-2, 2, (7, 2))
+    whole = warp_images(images[index], angles, scales, shifts)
+    assert not np.array_equal(whole, images[index])  # it did move them
+    for chunk in (1, 3, 256):
+        np.testing.assert_array_equal(warp_images(images, angles, scales, shifts, index=index, chunk=chunk), whole)
 
 
 # ----------------------------------------------------------------------------- data module
