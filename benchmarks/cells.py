@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backends import framework_environment
 from benchmarks.measure import DEVICES, PATHS, PROGRESS
 from model.config import BACKENDS
 
@@ -55,7 +56,7 @@ def build_matrix(backends=BACKENDS, devices=DEVICES, paths=PATHS, batch_sizes=(1
 def cell_environment(cell: Cell, base: dict | None = None) -> dict:
     """The environment a cell's process starts with: the backend and the one device
     kind its framework may see."""
-    env = dict(os.environ if base is None else base)
+    env = framework_environment(cell.backend, os.environ if base is None else base)
     env.update({"KERAS_BACKEND": cell.backend, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
     if cell.device == "cpu":
         # An empty CUDA_VISIBLE_DEVICES hides every GPU from TensorFlow and torch.

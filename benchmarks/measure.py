@@ -351,6 +351,8 @@ def run_framework_path(spec: dict) -> dict:
 
 
 def measure_cell(spec: dict) -> dict:
+    from backends import framework_flags_in_effect
+
     backend, device, path = spec["backend"], spec["device"], spec["path"]
     started = time.perf_counter()
     check_framework_installed(backend)
@@ -378,6 +380,7 @@ def measure_cell(spec: dict) -> dict:
         "epochs": len(step_seconds),
         **raw,
         "tf32": tf32_settings(backend),
+        "framework_flags": framework_flags_in_effect(backend),
         **framework_runtime(backend),
     }
     return result

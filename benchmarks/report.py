@@ -200,13 +200,18 @@ def run_description(run: dict) -> list[str]:
     versions = ", ".join(f"{name} {version}" for name, version in (run.get("versions") or {}).items() if version)
     loads = [value for cell in run["cells"] for value in (cell.get("load_average") or []) if value is not None]
     load = f", 1-minute load average {min(loads):.1f}–{max(loads):.1f} while cells ran" if loads else ""
-    return [
+    flags = sorted({(cell["backend"], variable, value) for cell in run["cells"]
+                    for variable, value in (cell.get("framework_flags") or {}).items() if value})
+    lines = [
         f"- results: `{run.get('source', '?')}`, {settings.get('mode', '?')} mode ({shape}, "
         f"first {settings.get('warmup_steps')} steps warm-up), {run.get('datetime', '?')}",
         f"- machine: `{machine.get('slug')}`: {machine.get('cpu')}, {machine.get('cores')} cores, "
         f"{machine.get('ram_gb')} GB RAM, {gpu}{load}",
         f"- commit: {commit.get('short') or commit.get('id') or '?'}{dirty}; versions: {versions}",
     ]
+    if flags:
+        lines.append("- framework flags: " + "; ".join(f"{backend} `{variable}={value}`" for backend, variable, value in flags))
+    return lines
 
 
 LEGEND = (

@@ -54,6 +54,9 @@ def select_backend(requested: str | None = None) -> str:
         raise UsageError(
             f"backend {backend!r} is not installed; install it with: pip install -c constraints.txt '.[{backend}]'"
         )
+    from backends import framework_environment
+
+    os.environ.update(framework_environment(backend))
     os.environ["KERAS_BACKEND"] = backend
     return backend
 
@@ -96,7 +99,7 @@ def describe_runtime() -> dict:
     import keras
     import numpy
 
-    from backends import backend_module
+    from backends import backend_module, framework_flags_in_effect
 
     backend = backend_module()
     versions = {"python": platform.python_version(), "keras": keras.__version__, "numpy": numpy.__version__}
@@ -107,4 +110,6 @@ def describe_runtime() -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "versions": versions,
+        # What the framework read at start (select_backend's flags and the user's).
+        "framework_flags": framework_flags_in_effect(keras.backend.backend()),
     }

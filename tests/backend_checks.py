@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 import traceback
@@ -362,8 +363,29 @@ def fast_pooling(workdir: Path) -> dict:
             float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(*gradients)),
     }
 
+
+@check
+def compiled_convolution(workdir: Path) -> dict:
+    """Which library XLA:CPU compiled the CNN's convolution to (JAX only: the flag in
+    backends.FRAMEWORK_FLAGS moves it from YNNPACK to XLA's own; None elsewhere)."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return {"ynnpack": None}
+    import jax
+
+    convolution = _module().network.get_layer("conv2d")
+    variables = [variable.value for variable in convolution.trainable_variables]
+    images = _datamodule().x_test[:128]
+    compiled = jax.jit(lambda v, x: convolution.stateless_call(v, [], x)[0]).lower(variables, images).compile()
+    return {"ynnpack": "ynn_fusion" in compiled.as_text(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
 # Keep last: every check above must be registered before main() runs.
 def main(argv: list[str]) -> int:
+    from model.runtime import select_backend
+
+    select_backend()  # KERAS_BACKEND's, with the framework flags train.py sets
     out, workdir, names = Path(argv[0]), Path(argv[1]), argv[2:]
     workdir.mkdir(parents=True, exist_ok=True)
     results = {}

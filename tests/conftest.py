@@ -22,7 +22,7 @@ def mnist_arrays():
 
 
 # Checks that run once per backend in one subprocess (see tests/backend_checks.py).
-BACKEND_CHECKS = ["architecture", "short_training", "training_data", "equivalence", "checkpoint_safety", "framework_baseline", "fast_pooling", "moving_average"]
+BACKEND_CHECKS = ["architecture", "short_training", "training_data", "equivalence", "checkpoint_safety", "framework_baseline", "fast_pooling", "moving_average", "compiled_convolution"]
 
 
 # The backends the selected tests are parametrized with (set at collection).

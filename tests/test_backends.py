@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.helpers import BACKENDS, TRAIN_PY_MODEL, arrays, check_value
+from backends import FRAMEWORK_FLAGS, framework_environment
+from tests.helpers import BACKENDS, TRAIN_PY_MODEL, arrays, check_value, require_backend
 
 EXPECTED_LAYERS = [
     ["conv2d", [26, 26, 32], 320],
@@ -62,6 +63,12 @@ def test_train_py_dry_run_writes_model_run_json_and_curves(backend, dry_runs, cr
     assert run["config"]["epochs"] == 1 and run["config"]["limit_train_batches"] == 5
     assert len(run["history"]) == 1 and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(run["history"][0])
     assert 0.0 <= run["test_accuracy"] <= 1.0
+    # train.py put the backend's framework flags in its environment before keras started.
+    if backend in FRAMEWORK_FLAGS:
+        _, _, variable, flags = FRAMEWORK_FLAGS[backend]
+        assert set(flags) <= set(run["framework_flags"][variable].split())
+    else:
+        assert run["framework_flags"] == {}
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # model.keras loads back in safe mode (in the cross-loading process of this backend)
     # and predicts a probability distribution for each test image.
@@ -92,3 +99,27 @@ def test_fused_weight_average_equals_keras_own(backend, backend_results):
     assert run["max_average_vs_weights"] > 1e-2
     assert run["max_average_difference"] <= 1e-6
     assert run["max_weight_difference"] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jax_convolutions_compile_to_xla_own_kernels(backend, backend_results):
+    """backends.FRAMEWORK_FLAGS keeps XLA:CPU's convolutions out of YNNPACK (single-threaded
+    for this CNN's); the other backends have no such flag."""
+    result = check_value(backend_results(backend), "compiled_convolution")
+    if backend != "jax":
+        assert result["ynnpack"] is None
+        return
+    assert FRAMEWORK_FLAGS["jax"][3][0] in result["xla_flags"].split()
+    assert result["ynnpack"] is False, "XLA compiled the convolution to YNNPACK: the XLA_FLAGS setting did not take"
+
+
+def test_framework_flags_are_appended_and_the_users_own_win():
+    require_backend("jax")  # the flags are only added where jaxlib is installed
+    _, _, variable, (flag,) = FRAMEWORK_FLAGS["jax"]
+    name = flag.split("=", 1)[0]
+    assert framework_environment("jax", {})[variable] == flag
+    assert framework_environment("jax", {variable: "--xla_dump_to=/tmp/x"})[variable] == f"--xla_dump_to=/tmp/x {flag}"
+    own = f"{name}=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    assert framework_environment("jax", {variable: own})[variable] == own
+    assert framework_environment("torch", {"A": "1"}) == {"A": "1"}
+    assert framework_environment("tensorflow", {}) == {}

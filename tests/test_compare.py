@@ -11,6 +11,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 
+from backends import FRAMEWORK_FLAGS
 from benchmarks.cells import CELL_FIELDS, Cell, build_matrix, cell_environment
 from benchmarks.initial_weights import CNN_WEIGHT_SHAPES, seeded_cnn_weights
 from benchmarks.measure import DEVICES, PATHS, timed_step_seconds
@@ -119,6 +120,16 @@ def test_quick_run_records_machine_commit_versions_settings(quick_run):
     for backend in BACKENDS:
         if installed(backend):
             assert "tf32_allowed" in settings["tf32"][backend]["cpu"]
+    # Every cell, framework baselines included, ran with the backend's framework flags.
+    _, _, variable, flags = FRAMEWORK_FLAGS["jax"]
+    for cell in run["cells"]:
+        if cell["status"] == "ok":
+            expected = {variable} if cell["backend"] == "jax" else set()
+            assert set(cell["framework_flags"]) == expected, cell
+            if expected:
+                assert set(flags) <= set(cell["framework_flags"][variable].split())
+    if any(c["status"] == "ok" and c["backend"] == "jax" for c in run["cells"]):
+        assert f"jax `{variable}=" in path.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow
@@ -311,6 +322,9 @@ def test_matrix_order_and_cell_environment():
     assert cpu["KERAS_BACKEND"] == "torch" and cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["JAX_PLATFORMS"] == "cpu"
     gpu = cell_environment(Cell("jax", "gpu", "keras-fit", 128), base={"CUDA_VISIBLE_DEVICES": ""})
     assert gpu["JAX_PLATFORMS"] == "cuda" and "CUDA_VISIBLE_DEVICES" not in gpu
+    variable, (flag,) = FRAMEWORK_FLAGS["jax"][2:]
+    assert cell_environment(Cell("jax", "cpu", "framework", 128), base={})[variable] == flag
+    assert variable not in cpu
 
 
 def test_warmup_steps_are_left_out_of_the_timed_steps():
