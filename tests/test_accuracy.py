@@ -1,4 +1,4 @@
-"""benchmarks/accuracy.py --report: merging the runs of several results files."""
+"""benchmarks/accuracy.py: merging the runs of several results files (--report), and saving as it goes."""
 
 from __future__ import annotations
 
@@ -34,3 +34,20 @@ def test_report_on_a_file_that_is_not_results_fails_in_one_line(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["--report", str(tmp_path / "missing.json")])
     assert exit_info.value.code == 2
+
+
+def test_a_sweep_stopped_part_way_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    import benchmarks.accuracy as accuracy
+
+    def run_one(backend, seed, epochs, workdir):
+        if seed == 1:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the second run
+        return {"backend": backend, "seed": seed, "status": "ok", "test_accuracy": 0.99, "epochs": 1, "wall_s": 1.0}
+
+    monkeypatch.setattr(accuracy, "run_one", run_one)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--backends", "torch", "--seeds", "0,1", "--output-dir", str(tmp_path)])
+    (saved,) = tmp_path.glob("accuracy-*.json")
+    results = json.loads(saved.read_text())
+    assert [(r["backend"], r["seed"]) for r in results["runs"]] == [("torch", 0)]
+    assert results["summary"]["torch"]["seeds"] == [0]
