@@ -124,12 +124,10 @@ def main(argv=None) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = output_dir / f"accuracy-{stamp}.json"
     runs = []
-    summary = summarize(runs)
     total = len(args.backends) * len(args.seeds)
 
-    def save() -> dict:
+    def save() -> None:
         # After every run, atomically: a sweep stopped part-way keeps the runs it finished.
-        summary = summarize(runs)
         write_json(path, {
             "machine": machine,
             "commit": commit_info(),
@@ -137,9 +135,8 @@ def main(argv=None) -> int:
             "versions": package_versions(),
             "recipe": {**TrainConfig().to_dict(), **({"epochs": args.epochs} if args.epochs else {})},
             "runs": runs,
-            "summary": summary,
+            "summary": summarize(runs),
         })
-        return summary
 
     with tempfile.TemporaryDirectory(prefix="accuracy-") as workdir:
         for backend in args.backends:
@@ -147,10 +144,10 @@ def main(argv=None) -> int:
                 print(f"[{len(runs) + 1}/{total}] {backend} seed {seed} ...", flush=True)
                 run = run_one(backend, seed, args.epochs, Path(workdir))
                 runs.append(run)
-                summary = save()
+                save()
                 shown = f"{run['test_accuracy']:.4f}" if run["status"] == "ok" else f"failed: {run['reason']}"
                 print(f"    test accuracy {shown} in {run['wall_s']:.0f} s; saved in {path}", flush=True)
-    print_summary(summary)
+    print_summary(summarize(runs))
     print(f"\nwrote {path}")
     return 0 if all(r["status"] == "ok" for r in runs) else 1
 

@@ -360,23 +360,17 @@ def shift_images(images: np.ndarray, shifts: np.ndarray, index: np.ndarray | Non
     index: (M,) which image each output is (default: all N in order, M == N), so a
     shuffled epoch is gathered and shifted in one pass.
 
-    Images are grouped by shift and each group is moved as one slice assignment (a few
-    dozen distinct shifts): 0.1 s for an epoch of 55,000 against 0.5-1.9 s for one
-    fancy-indexed gather over a padded copy.
+    Images are grouped by shift and each group is moved as one slice assignment (25
+    distinct shifts for the recipe's 2 px): 0.1-0.2 s for an epoch of 55,000 against
+    0.5-1.9 s for one fancy-indexed gather over a padded copy.
     """
     index = np.arange(len(images)) if index is None else np.asarray(index)
     shifts = np.asarray(shifts, dtype=np.int64).reshape(len(index), 2)
     height, width = images.shape[1:3]
     moved = np.zeros((len(index), *images.shape[1:]), images.dtype)
-    if not len(index):
-        return moved
-    low = shifts.min(axis=0)
-    keys = (shifts[:, 0] - low[0]) * (int(shifts[:, 1].max() - low[1]) + 1) + (shifts[:, 1] - low[1])
-    by_shift = np.argsort(keys, kind="stable")
-    starts = np.flatnonzero(np.diff(keys[by_shift], prepend=-1))
-    for start, stop in zip(starts, [*starts[1:], len(index)]):
-        outputs = by_shift[start:stop]
-        dy, dx = (int(v) for v in shifts[outputs[0]])
+    distinct, group = np.unique(shifts, axis=0, return_inverse=True)
+    for number, (dy, dx) in enumerate(distinct.tolist()):
+        outputs = np.flatnonzero(group.ravel() == number)
         if abs(dy) >= height or abs(dx) >= width:
             continue  # moved out of the frame entirely: all background
         moved[outputs, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = images[
