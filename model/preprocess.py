@@ -135,6 +135,9 @@ def fit_digit(ink: np.ndarray) -> np.ndarray:
         # Lanczos on float pixels: no banding; its slight ringing is clipped away.
         resized = Image.fromarray(crop, mode="F").resize(size, Image.Resampling.LANCZOS)
         crop = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+        # Shrinking a large photo averages its strokes' cores with their soft edges; MNIST's
+        # strokes reach full white at 28x28, so the white point is set again here.
+        crop = crop / max(float(crop.max()), 1e-6)
     centre_y, centre_x = ndimage.center_of_mass(crop)
     top = int(round(CENTRE_OF_MASS[0] - centre_y))
     left = int(round(CENTRE_OF_MASS[1] - centre_x))
