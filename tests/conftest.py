@@ -167,3 +167,23 @@ def trained_model(tmp_path_factory):
     result = run_python(["tests/small_model.py", output, SMALL_MODEL_STEPS], "torch", timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return output / "model.keras", np.load(output / "test_probabilities.npy")
+
+
+# export.py's formats that the tests export (once each, in parallel, on TensorFlow).
+EXPORTED_FORMATS = ("onnx", "tf_saved_model")
+
+
+@pytest.fixture(scope="session")
+def exports(trained_model, tmp_path_factory):
+    """format -> (finished export.py process, artifact path), both started at once."""
+    from tests.helpers import StartedPython, require_backend
+
+    require_backend("tensorflow")
+    model, _ = trained_model
+    root = tmp_path_factory.mktemp("exports")
+    started = {}
+    for format in EXPORTED_FORMATS:
+        output = root / ("model.onnx" if format == "onnx" else "saved_model")
+        started[format] = (StartedPython(["export.py", "--model", model, "--format", format, "--output", output],
+                                         None, root / f"logs-{format}"), output)
+    return {format: (process.wait(600), output) for format, (process, output) in started.items()}

@@ -99,12 +99,16 @@ def test_photo_like_digits_are_found(mnist_arrays):
     """Off-centre, blurred, noisy JPEGs: the digit's box is found, not the noise's."""
     (_, _), (x_test, _) = mnist_arrays
     rng = np.random.default_rng(1)
+    correlations = []
     for digit in x_test[:20]:
         found = preprocess(photo_like(digit, rng))
         rows, cols = np.flatnonzero(found.any(axis=1)), np.flatnonzero(found.any(axis=0))
         assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 == 20
         assert found.max() > 0.9  # contrast stretched to MNIST's range
         assert np.allclose(ndimage.center_of_mass(found), (14, 14), atol=0.75)
+        correlations.append(np.corrcoef(found.ravel(), preprocess(encode(digit)).ravel())[0, 1])
+    # Measured: 0.65-0.95, median 0.80; with the noise kept (no speck removal) -0.09-0.48.
+    assert min(correlations) > 0.5 and np.median(correlations) > 0.7, np.round(correlations, 2)
 
 
 # ----------------------------------------------------------------------------- predict.py end to end
