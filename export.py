@@ -2,6 +2,7 @@
 
     python export.py --model runs/latest/model.keras --format onnx --output model.onnx
     python export.py --format tf_saved_model --output saved_model/
+    python export.py --format litert --output model.tflite      # openvino: --output model.xml
 
 Keras' own `model.export` writes the artifact; it is then loaded in its runtime and its
 probabilities on 1,000 test images must match the Keras model's within 1e-5, or the
@@ -26,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a .keras model written by train.py")
     parser.add_argument("--format", required=True, choices=FORMATS, help="artifact format")
     parser.add_argument("--output", required=True, metavar="PATH",
-                        help="where the artifact goes (a file for onnx, a folder for tf_saved_model); replaced if present")
+                        help="where the artifact goes: a file for onnx, a folder for tf_saved_model, a .tflite file for litert, "
+                             "an .xml file (and the .bin beside it) for openvino; replaced if present")
     parser.add_argument("--data", metavar="PATH",
                         help="mnist.npz or a folder of IDX files for the check (default: $MNIST_PATH, cache, download)")
     return parser.parse_args(argv)
@@ -35,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        backend = check_format(args.format)
+        backend = check_format(args.format, args.output)
         select_backend(backend)
     except (ExportError, UsageError) as error:
         print(f"export.py: error: {error}", file=sys.stderr)

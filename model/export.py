@@ -2,8 +2,10 @@
 
 A `.keras` file from any training backend loads under TensorFlow, so every format is
 exported through TensorFlow (export.py selects it before keras is imported): ONNX via
-tf2onnx, a SavedModel natively. Each artifact is then loaded in its own runtime
-(onnxruntime; TensorFlow's SavedModel loader, through keras.layers.TFSMLayer) and its probabilities on the first
+tf2onnx, a SavedModel natively, LiteRT via TensorFlow's converter, OpenVINO via
+openvino.convert_model. Each artifact is then loaded in its own runtime (onnxruntime;
+TensorFlow's SavedModel loader, through keras.layers.TFSMLayer; ai-edge-litert's
+interpreter; OpenVINO's CPU plugin in float32) and its probabilities on the first
 VERIFY_IMAGES test images compared with the Keras model's: they must agree within
 VERIFY_TOLERANCE, or the export fails and says by how much.
 """
@@ -17,15 +19,13 @@ from pathlib import Path
 import numpy as np
 
 # format: the backend it is exported through (see the module docstring).
-EXPORT_BACKENDS = {"onnx": "tensorflow", "tf_saved_model": "tensorflow"}
-# Formats Keras can write but this project does not yet verify, with what would be needed.
-UNSUPPORTED_FORMATS = {
-    "litert": "its runtime (ai-edge-litert) is not in the export extra yet",
-    "openvino": "its runtime (openvino) is not in the export extra yet",
-}
-FORMATS = (*EXPORT_BACKENDS, *UNSUPPORTED_FORMATS)
-# The packages each format's export and verification import, and where they come from.
-FORMAT_PACKAGES = {"onnx": ("tf2onnx", "onnx", "onnxruntime"), "tf_saved_model": ()}
+EXPORT_BACKENDS = {"onnx": "tensorflow", "tf_saved_model": "tensorflow", "litert": "tensorflow", "openvino": "tensorflow"}
+FORMATS = tuple(EXPORT_BACKENDS)
+# The packages each format's export and verification import (all in the export extra).
+FORMAT_PACKAGES = {"onnx": ("tf2onnx", "onnx", "onnxruntime"), "tf_saved_model": (), "litert": ("ai_edge_litert",),
+                   "openvino": ("openvino",)}
+# The file name ending Keras requires of --output, where it requires one.
+FORMAT_SUFFIXES = {"litert": ".tflite", "openvino": ".xml"}
 VERIFY_IMAGES = 1000
 VERIFY_TOLERANCE = 1e-5
 INPUT_NAME = "image"
@@ -35,11 +35,9 @@ class ExportError(Exception):
     """The export or its verification failed; the message is one line and says why."""
 
 
-def check_format(format: str) -> str:
-    """The backend `format` is exported through; ExportError for one this project lacks."""
-    if format in UNSUPPORTED_FORMATS:
-        raise ExportError(f"format {format!r} is not supported by this project yet: {UNSUPPORTED_FORMATS[format]}; "
-                          f"supported: {', '.join(EXPORT_BACKENDS)}")
+def check_format(format: str, output: str | os.PathLike | None = None) -> str:
+    """The backend `format` is exported through; ExportError for an unknown format, a
+    missing runtime, or an --output name Keras would refuse."""
     if format not in EXPORT_BACKENDS:
         raise ExportError(f"unknown format {format!r}; valid formats: {', '.join(EXPORT_BACKENDS)}")
     import importlib.util
@@ -48,7 +46,15 @@ def check_format(format: str) -> str:
     if missing:
         raise ExportError(f"format {format!r} needs {', '.join(missing)}; install them with: "
                           "pip install -c constraints.txt '.[export]'")
+    suffix = FORMAT_SUFFIXES.get(format)
+    if output is not None and suffix and not str(output).endswith(suffix):
+        raise ExportError(f"--output for format {format!r} must end with {suffix}, got {str(output)!r}")
     return EXPORT_BACKENDS[format]
+
+
+def artifact_files(format: str, path: Path) -> list[Path]:
+    """The paths one artifact occupies: OpenVINO's weights sit beside its .xml."""
+    return [path, path.with_suffix(".bin")] if format == "openvino" else [path]
 
 
 def export_model(model, format: str, output: str | os.PathLike) -> Path:
@@ -72,15 +78,18 @@ def export_verified(model, format: str, output: str | os.PathLike, images: np.nd
     `output` as it was. Returns the largest probability difference found."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.with_name(f".{output.name}.tmp{output.suffix}")
-    _remove(temp)
+    temp = output.with_name(f".{output.stem}.tmp{output.suffix}")
+    for path in artifact_files(format, temp):
+        _remove(path)
     try:
         export_model(model, format, temp)
         difference = verify_export(model, format, temp, images)
-        _remove(output)
-        os.replace(temp, output)
+        for source, target in zip(artifact_files(format, temp), artifact_files(format, output)):
+            _remove(target)
+            os.replace(source, target)
     finally:
-        _remove(temp)
+        for path in artifact_files(format, temp):
+            _remove(path)
     return difference
 
 
@@ -108,6 +117,23 @@ def artifact_predictions(format: str, path: str | os.PathLike, images: np.ndarra
         if isinstance(outputs, dict):
             (outputs,) = outputs.values()
         return np.asarray(keras.ops.convert_to_numpy(outputs))
+    if format == "litert":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(path))
+        (given,), (returned,) = interpreter.get_input_details(), interpreter.get_output_details()
+        interpreter.resize_tensor_input(given["index"], images.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(given["index"], images)
+        interpreter.invoke()
+        return np.asarray(interpreter.get_tensor(returned["index"]))
+    if format == "openvino":
+        import openvino
+
+        # OpenVINO computes in bfloat16 on CPUs that have it unless told otherwise; a
+        # served model would too, but the check is of the export, in float32.
+        compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return np.asarray(compiled(images)[compiled.output(0)])
     raise ExportError(f"no runtime to verify format {format!r}")
 
 

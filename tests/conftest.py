@@ -170,20 +170,20 @@ def trained_model(tmp_path_factory):
 
 
 # export.py's formats that the tests export (once each, in parallel, on TensorFlow).
-EXPORTED_FORMATS = ("onnx", "tf_saved_model")
+EXPORTED_FORMATS = {"onnx": "model.onnx", "tf_saved_model": "saved_model", "litert": "model.tflite", "openvino": "model.xml"}
 
 
 @pytest.fixture(scope="session")
 def exports(trained_model, tmp_path_factory):
-    """format -> (finished export.py process, artifact path), both started at once."""
+    """format -> (finished export.py process, artifact path), all started at once."""
     from tests.helpers import StartedPython, require_backend
 
     require_backend("tensorflow")
     model, _ = trained_model
     root = tmp_path_factory.mktemp("exports")
     started = {}
-    for format in EXPORTED_FORMATS:
-        output = root / ("model.onnx" if format == "onnx" else "saved_model")
+    for format, name in EXPORTED_FORMATS.items():
+        output = root / name
         started[format] = (StartedPython(["export.py", "--model", model, "--format", format, "--output", output],
                                          None, root / f"logs-{format}"), output)
     return {format: (process.wait(600), output) for format, (process, output) in started.items()}
