@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.config import DEFAULT_MODEL
 from model.export import FORMATS, VERIFY_IMAGES, VERIFY_TOLERANCE, ExportError, check_format
 from model.runtime import UsageError, select_backend
-from predict import DEFAULT_MODEL
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where the artifact goes: a file for onnx, a folder for tf_saved_model, a .tflite file for litert, "
                              "an .xml file (and the .bin beside it) for openvino; replaced if present")
     parser.add_argument("--data", metavar="PATH",
-                        help="mnist.npz or a folder of IDX files for the check (default: $MNIST_PATH, cache, download)")
+                        help="mnist.npz or a folder of IDX files for the check; if unset: $MNIST_PATH, the cache, a download")
     return parser.parse_args(argv)
 
 

@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from model.config import BACKENDS, TrainConfig
+from model.config import BACKENDS, DEFAULT_MODEL
 from model.runtime import UsageError, select_backend
-
-DEFAULT_MODEL = str(Path(TrainConfig().output_dir) / "model.keras")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

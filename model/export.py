@@ -46,10 +46,24 @@ def check_format(format: str, output: str | os.PathLike | None = None) -> str:
     if missing:
         raise ExportError(f"format {format!r} needs {', '.join(missing)}; install them with: "
                           "pip install -c constraints.txt '.[export]'")
-    suffix = FORMAT_SUFFIXES.get(format)
-    if output is not None and suffix and not str(output).endswith(suffix):
-        raise ExportError(f"--output for format {format!r} must end with {suffix}, got {str(output)!r}")
+    if output is not None:
+        check_output(format, output)
     return EXPORT_BACKENDS[format]
+
+
+def check_output(format: str, output: str | os.PathLike) -> None:
+    """ExportError unless `output` names something an export of `format` may replace: a
+    new path, or an artifact of the same kind (never a folder of other things)."""
+    suffix = FORMAT_SUFFIXES.get(format)
+    if suffix and not str(output).endswith(suffix):
+        raise ExportError(f"--output for format {format!r} must end with {suffix}, got {str(output)!r}")
+    path = Path(output)
+    if format == "tf_saved_model":
+        if path.is_file() or (path.is_dir() and any(path.iterdir()) and not (path / "saved_model.pb").is_file()):
+            raise ExportError(f"--output {str(output)!r} exists and is not a SavedModel folder; "
+                              "name a new folder (it would be replaced)")
+    elif path.is_dir():
+        raise ExportError(f"--output {str(output)!r} is a folder; format {format!r} writes a file: name the file")
 
 
 def artifact_files(format: str, path: Path) -> list[Path]:

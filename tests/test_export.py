@@ -68,12 +68,17 @@ def test_verification_fails_when_the_artifact_disagrees(exports, mnist_arrays):
 @pytest.mark.parametrize("format, output, reason", [
     ("litert", "model.onnx", "--output for format 'litert' must end with .tflite"),
     ("openvino", "model", "--output for format 'openvino' must end with .xml"),
-], ids=["litert", "openvino"])
-def test_bad_output_name_is_one_line(format, output, reason, tmp_path):
+    ("onnx", "folder", "is a folder; format 'onnx' writes a file"),
+    ("tf_saved_model", "folder", "exists and is not a SavedModel folder"),
+], ids=["litert", "openvino", "onnx-over-a-folder", "saved-model-over-a-folder"])
+def test_bad_output_is_one_line(format, output, reason, tmp_path):
+    """Refused before anything is loaded, and nothing there is touched."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("the user's own file")
     result = run_python(["export.py", "--format", format, "--output", tmp_path / output], timeout=120)
     assert result.returncode == 2
     assert reason in result.stderr and "Traceback" not in result.stderr
-    assert not list(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["folder", "notes.txt"]
 
 
 def test_bad_model_leaves_output_alone(tmp_path):
