@@ -245,3 +245,18 @@ def test_predict_bad_model_is_one_line(predict_inputs, tmp_path, model_file, rea
     lines = [line for line in result.stderr.splitlines() if line.startswith("predict.py:")]
     assert len(lines) == 1 and model_file in lines[0] and reason in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_large_photo_is_shrunk_first(mnist_arrays):
+    """A 12-megapixel photo is worked on at most 1024 px wide (seconds -> a fifth of one
+    here) and still gives the digit."""
+    from model.preprocess import working_size
+
+    (_, _), (x_test, _) = mnist_arrays
+    assert working_size(np.zeros((3000, 4000), np.float32)).shape == (750, 1000)
+    assert working_size(np.zeros((300, 200), np.float32)).shape == (300, 200)
+    digit = np.asarray(Image.fromarray(x_test[0]).resize((1200, 1200), Image.Resampling.BICUBIC)).astype(np.float32)
+    page = np.full((3000, 4000), 220, np.float32)
+    page[900:2100, 1500:2700] -= 0.8 * digit
+    found = preprocess(encode(page.astype(np.uint8), "JPEG"))
+    assert np.corrcoef(found.ravel(), preprocess(encode(x_test[0])).ravel())[0, 1] > 0.9
