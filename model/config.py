@@ -62,3 +62,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The model predict.py and export.py use unless told otherwise: what train.py writes by default.
+DEFAULT_MODEL = f"{TrainConfig.output_dir}/model.keras"

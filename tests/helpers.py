@@ -43,14 +43,15 @@ class StartedPython:
 
     every: list["StartedPython"] = []  # all started in this session, for cleanup at its end
 
-    def __init__(self, args, backend: str | None, logs: Path, env=None):
+    def __init__(self, args, backend: str | None, logs: Path, env=None, stdin_path: Path | None = None):
         self.args = [sys.executable, *map(str, args)]
         full_env = backend_env(backend) if backend else {**os.environ}
         full_env.update(env or {})
         logs.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(self.args, cwd=REPO, env=full_env, stdout=stdout, stderr=stderr)
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr, \
+                open(stdin_path or os.devnull, "rb") as stdin:
+            self.process = subprocess.Popen(self.args, cwd=REPO, env=full_env, stdin=stdin, stdout=stdout, stderr=stderr)
         StartedPython.every.append(self)
 
     def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
