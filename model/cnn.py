@@ -78,6 +78,26 @@ def build_cnn(pooling: str = "fast") -> keras.Model:
     )
 
 
+def portable_network(network: keras.Model) -> keras.Model:
+    """The network as a run delivers it (`model.keras`, `best.keras`): the same weights in
+    stock Keras layers only, keras.layers.MaxPooling2D in place of TiledMaxPooling2D (which
+    holds no weights and computes the same values), so the file loads with nothing but
+    Keras and a backend installed: `keras.saving.load_model(path)`."""
+    return _with_pooling(network, "stock")
+
+
+def training_network(network: keras.Model) -> keras.Model:
+    """The inverse of portable_network: a loaded network with its weights in the project's
+    fast TiledMaxPooling2D layer, for training it further at full speed."""
+    return _with_pooling(network, "fast")
+
+
+def _with_pooling(network: keras.Model, pooling: str) -> keras.Model:
+    rebuilt = build_cnn(pooling)
+    rebuilt.set_weights(network.get_weights())
+    return rebuilt
+
+
 def seeded_weights(network: keras.Model, seed: int) -> list:
     """Initial weights drawn with numpy, so every backend starts from the same numbers
     (Keras' own initializers draw differently per backend); see model/weights.py."""

@@ -6,7 +6,8 @@ on every backend and on resume) and runs `module.fit` with these callbacks besid
 user's:
 - `StopOnNonFiniteLoss`: stops at the first NaN/inf loss, naming epoch and step;
 - `StepTimer`: per-step and per-epoch wall times;
-- `AtomicCheckpoint`: `last.keras` every epoch and `best.keras` by validation accuracy,
+- `AtomicCheckpoint`: `last.keras` (the module with its optimizer, for --resume) every
+  epoch and `best.keras` (the bare network in stock Keras layers) by validation accuracy,
   each written atomically, plus `trainer_state.json` (epoch, best, history).
 """
 
@@ -22,6 +23,7 @@ import keras
 import numpy as np
 
 from model.checkpoint import CheckpointError, load_model, remove_stale_temp_files, save_model, write_json
+from model.cnn import portable_network
 from model.data import MNISTDataModule
 
 LAST_CHECKPOINT = "last.keras"
@@ -94,7 +96,8 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         current = logs.get(self.monitor)
         if current is not None and (self.best is None or current > self.best):
             self.best = current
-            save_model(self.model, self.directory / BEST_CHECKPOINT)
+            # The user-facing best model: the bare network in stock Keras layers.
+            save_model(portable_network(self.model.network), self.directory / BEST_CHECKPOINT)
         # Written last: it describes last.keras, which is already in place.
         write_json(
             self.directory / TRAINER_STATE,

@@ -1,10 +1,11 @@
 """`train_and_evaluate(config)`: the whole run behind `train.py`, callable from tests.
 
 It writes to `config.output_dir`:
-    model.keras   the trained CNN;
+    model.keras   the trained CNN, in stock Keras layers only (loads without this project);
     run.json      backend, device, versions, config, history, test metrics, timings;
     curves.png    loss and accuracy per epoch, train vs validation;
-    checkpoints/  last.keras, best.keras and trainer_state.json (for --resume).
+    checkpoints/  last.keras and trainer_state.json (for --resume, the project's own), and
+                  best.keras (the network at its best validation accuracy, stock layers only).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
 
     from backends import backend_module
     from model.checkpoint import save_model, write_json
+    from model.cnn import portable_network
     from model.runtime import describe_runtime
 
     runtime = describe_runtime()
@@ -110,7 +112,8 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
     module = trainer.fit(module, datamodule, resume=config.resume)
     test = trainer.test(module, datamodule)
 
-    save_model(module.network, output_dir / "model.keras")
+    # Stock Keras layers only: the file opens in a plain Keras install (model.cnn.portable_network).
+    save_model(portable_network(module.network), output_dir / "model.keras")
     plot_curves(trainer.history, output_dir / "curves.png",
                 f"MNIST CNN, {runtime['backend']} on {runtime['device']}: test accuracy {test['test_accuracy']:.4f}")
     result = {

@@ -72,7 +72,7 @@ def test_train_py_dry_run_writes_model_run_json_and_curves(backend, dry_runs, cr
     assert (output / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # model.keras loads back in safe mode (in the cross-loading process of this backend)
     # and predicts a probability distribution for each test image.
-    (probabilities,) = arrays(cross_loaded(backend)[TRAIN_PY_MODEL])
+    probabilities, _ = arrays(cross_loaded(backend)[TRAIN_PY_MODEL])
     assert probabilities.shape == (10_000, 10)
     assert np.abs(probabilities.sum(axis=1) - 1).max() < 1e-5
     assert (probabilities.argmax(axis=1) == mnist_arrays[1][1]).mean() == pytest.approx(run["test_accuracy"], abs=1e-4)
