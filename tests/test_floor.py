@@ -1,7 +1,6 @@
 """benchmarks/floor.py: FLOP counts against hand counts, the floor's measurements, the arithmetic."""
 
 import math
-import time
 
 import keras
 import pytest
@@ -57,11 +56,17 @@ def test_matmul_flops_count_a_multiply_and_an_add():
     assert floor.matmul_flops(128, 5408, 128) == 177_209_344
 
 
-def test_timed_rate_divides_work_by_synced_wall_time():
-    # A call that takes 10 ms doing 0.01 units of work runs at 1 unit/s (sleep may overshoot);
-    # 0.3 s makes chunks of several calls.
-    rate = floor._timed_rate(lambda: time.sleep(0.01), 0.01, min_seconds=0.3)
-    assert 0.7 < rate <= 1.0
+def test_timed_rate_divides_work_by_synced_wall_time(monkeypatch):
+    # A clock that only moves when the work runs: each call takes exactly 10 ms and does 0.01
+    # units of work, so the rate is 1 unit/s however busy the machine is. min_seconds=0.3
+    # makes chunks of 6 calls, so a rate that forgot the calls per chunk would read 1/6.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(floor.time, "perf_counter", lambda: clock["now"])
+
+    def ten_milliseconds_of_work():
+        clock["now"] += 0.01
+
+    assert floor._timed_rate(ten_milliseconds_of_work, 0.01, min_seconds=0.3) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("framework", ["numpy", keras.backend.backend()])
