@@ -259,6 +259,7 @@ def machine_slug(machine: dict) -> str:
 
 def describe_machine() -> dict:
     gpus = nvidia_gpus()
+    flags = cpu_flags()
     machine = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -268,8 +269,8 @@ def describe_machine() -> dict:
         "gpus": gpus,
         "system": platform.platform(),
         "cpu_family": cpu_family(),
-        "cpu_flags": cpu_flags(),
-        "isa": isa_class(cpu_flags()),
+        "cpu_flags": flags,
+        "isa": isa_class(flags),
         "cache": cache_sizes(),
         "hypervisor": hypervisor(),
         "kernel_env": kernel_env(),
