@@ -3,12 +3,14 @@ as in keras.io's "Customizing what happens in fit() with JAX". Keras jit-compile
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import keras
+import numpy as np
 
 NAME = "jax"
 
@@ -142,3 +144,73 @@ def _update_metrics(module, metrics_state, loss, labels, probabilities):
         logs = module.compute_metrics(None, labels, probabilities)
     metrics_state = [scope.get_current_value(v) for v in module.metrics_variables]
     return logs, metrics_state
+
+
+# ---------------------------------------------------------------------- data parallel
+
+
+class DataParallel:
+    """keras.distribution.DataParallel: Keras' fit shards each global batch over the
+    devices and keeps weights, optimizer and metric state replicated; XLA inserts the
+    all-reduce. Several machines: one process each, joined by keras.distribution.initialize."""
+
+    ENGINE = "keras.distribution.DataParallel"
+
+    def __init__(self, accelerator: str, devices: int, num_nodes: int = 1, node_rank: int = 0,
+                 coordinator: str | None = None, timeout_s: float = 300.0):
+        if num_nodes > 1:
+            # Every process must join before the first collective: the coordinator (node
+            # rank 0) waits for the others (jax.distributed.initialize).
+            keras.distribution.initialize(coordinator, num_processes=num_nodes, process_id=node_rank)
+        platform = {"auto": None, "cpu": "cpu", "gpu": "gpu"}[accelerator]
+        found = keras.distribution.list_devices(platform)
+        wanted = devices * num_nodes
+        if len(found) < wanted:
+            raise RuntimeError(f"--devices {devices} --num-nodes {num_nodes}: JAX sees {len(found)} "
+                               f"{accelerator if platform else ''} device(s) ({', '.join(found)}); "
+                               "on CPU set --accelerator cpu, on GPU lower --devices")
+        self.device_names = found[:wanted]
+        self.distribution = keras.distribution.DataParallel(devices=self.device_names)
+        # Before the module is built: its variables take the distribution's (replicated) layout.
+        keras.distribution.set_distribution(self.distribution)
+        self.replicas = wanted
+        self.is_main = jax.process_index() == 0
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def jit_compile(self, requested):
+        return requested
+
+    def replicate(self, module) -> None:
+        """Nothing to wrap: set_distribution already laid the variables out."""
+
+    def local_batches(self, batches):
+        # Keras cuts each global batch into per-device shards itself.
+        return batches
+
+    @contextlib.contextmanager
+    def unsharded(self):
+        """Evaluation with the distribution off: the replicated weights run on whole,
+        unsharded batches, so a last batch that does not split over the devices (5,000
+        validation images) is evaluated as it is (a sharded one raises IndivisibleError)."""
+        keras.distribution.set_distribution(None)
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(self.distribution)
+
+    def replica_difference(self, module) -> tuple[int, float]:
+        """(copies of the weights, largest difference between any copy and the first)."""
+        copies, worst = 1, 0.0
+        for variable in module.network.weights:
+            shards = [np.asarray(shard.data) for shard in variable.value.addressable_shards]
+            copies = max(copies, len(shards))
+            worst = max([worst] + [float(np.abs(shard - shards[0]).max()) for shard in shards])
+        return copies, worst
+
+
+def launch(function, args, config) -> int:
+    """Run function(0, *args) here: JAX drives every local device from one process
+    (several machines: this command once on each, with its --node-rank)."""
+    return function(0, *args)

@@ -3,6 +3,7 @@ with TensorFlow". Keras wraps it in tf.function (XLA when jit_compile is on)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -102,8 +103,10 @@ def train_step(module, data):
     with tf.GradientTape() as tape:
         loss, probabilities, _ = module.training_step((images, labels))
 
-    # Compute gradients
-    gradients = tape.gradient(loss, module.trainable_variables)
+    # Compute gradients (under MirroredStrategy of this replica's share of the mean: the
+    # optimizer sums the replicas' gradients, as Keras' own losses scale theirs)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    gradients = tape.gradient(loss / replicas, module.trainable_variables)
 
     # Update weights
     module.optimizer.apply(gradients, module.trainable_variables)
@@ -138,3 +141,67 @@ def _update_metrics(module, loss, labels, probabilities):
     # Keras' own trainers feed the loss tracker this way (it has no public setter).
     module._loss_tracker.update_state(loss, sample_weight=tf.shape(labels)[0])
     return module.compute_metrics(None, labels, probabilities)
+
+
+# ---------------------------------------------------------------------- data parallel
+
+
+class DataParallel:
+    """tf.distribute.MirroredStrategy: the module is built and compiled in its scope, and
+    Keras' fit splits each global batch over the replicas and all-reduces the gradients.
+    One machine only: MultiWorkerMirroredStrategy fails under Keras 3 (keras-team/keras#20585).
+    (keras.distribution is a DTensor prototype on TensorFlow in Keras 3.15 and is ignored.)"""
+
+    ENGINE = "tf.distribute.MirroredStrategy"
+
+    def __init__(self, accelerator: str, devices: int, num_nodes: int = 1, node_rank: int = 0,
+                 coordinator: str | None = None, timeout_s: float = 300.0):
+        if num_nodes > 1:
+            raise RuntimeError("TensorFlow cannot train on several machines with Keras 3 (keras-team/keras#20585)")
+        gpus = tf.config.list_physical_devices("GPU") if accelerator != "cpu" else []
+        if accelerator == "gpu" and len(gpus) < devices:
+            raise RuntimeError(f"--devices {devices}: TensorFlow sees {len(gpus)} GPU(s); lower --devices")
+        if gpus:
+            names = [device.name for device in tf.config.list_logical_devices("GPU")][:devices]
+        else:
+            # N logical CPU devices over the one physical CPU; allowed only before TF starts.
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+            names = [device.name for device in tf.config.list_logical_devices("CPU")][:devices]
+        self.device_names = names
+        self.strategy = tf.distribute.MirroredStrategy(names)
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.is_main = True
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def jit_compile(self, requested):
+        # XLA cannot compile a step over mirrored variables on several devices ("Trying to
+        # access resource ... located in device CPU:1 from device CPU:0", measured here).
+        return False
+
+    def replicate(self, module) -> None:
+        """Nothing to wrap: variables made in the strategy's scope are mirrored."""
+
+    def local_batches(self, batches):
+        # tf.distribute cuts each global batch into per-replica batches itself.
+        return batches
+
+    def unsharded(self):
+        # tf.distribute evaluates a last batch that does not split evenly as it is.
+        return contextlib.nullcontext()
+
+    def replica_difference(self, module) -> tuple[int, float]:
+        """(copies of the weights, largest difference between any copy and the first)."""
+        copies, worst = 1, 0.0
+        for variable in module.network.weights:
+            values = [value.numpy() for value in getattr(variable.value, "values", (variable.value,))]
+            copies = max(copies, len(values))
+            worst = max([worst] + [float(np.abs(value - values[0]).max()) for value in values])
+        return copies, worst
+
+
+def launch(function, args, config) -> int:
+    """Run function(0, *args) here: MirroredStrategy drives every device from one process."""
+    return function(0, *args)

@@ -3,8 +3,17 @@ happens in fit() with PyTorch". Runs eagerly (torch.compile only with jit_compil
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import functools
+import os
+import socket
+import sys
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 NAME = "torch"
 
@@ -144,3 +153,157 @@ def _update_metrics(module, loss, labels, probabilities):
     # Keras' own trainers feed the loss tracker this way (it has no public setter).
     module._loss_tracker.update_state(loss.detach(), sample_weight=labels.shape[0])
     return module.compute_metrics(None, labels, probabilities.detach())
+
+
+# ---------------------------------------------------------------------- data parallel
+
+
+class DataParallel:
+    """torch.nn.parallel.DistributedDataParallel: one process per device (started by
+    `launch`), each with a whole copy of the module and its share of every global batch.
+    The step calls the DDP wrapper, whose backward hooks average the gradients across
+    processes: Keras' own fit step calls the module itself, so under DDP each process
+    would train on its own and the copies would drift apart, without an error."""
+
+    ENGINE = "torch.nn.parallel.DistributedDataParallel"
+
+    def __init__(self, accelerator: str, devices: int, num_nodes: int = 1, node_rank: int = 0,
+                 coordinator: str | None = None, timeout_s: float = 300.0):
+        if not dist.is_initialized():
+            raise RuntimeError("torch trains data-parallel with one process per device: "
+                               "run train.py --devices N, which starts them")
+        self.rank, self.replicas = dist.get_rank(), dist.get_world_size()
+        self.device_names = [f"{dist.get_backend()}:{rank}" for rank in range(self.replicas)]
+        self.is_main = self.rank == 0
+        self.replica = None
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def jit_compile(self, requested):
+        return requested
+
+    def replicate(self, module) -> None:
+        """Wrap `module` in DDP (which broadcasts rank 0's weights) and make it train
+        through the wrapper."""
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        self.replica = DistributedDataParallel(module, device_ids=device_ids)
+        module.replicated_step = functools.partial(replicated_train_step, replica=self.replica)
+
+    def local_batches(self, batches):
+        """This process's share of each global batch: rows rank*b to (rank+1)*b."""
+        for images, labels in batches:
+            size = len(labels) // self.replicas
+            share = slice(self.rank * size, (self.rank + 1) * size)
+            yield images[share], labels[share]
+
+    def unsharded(self):
+        # Every process evaluates the whole set on its own copy: no collective to wait on.
+        return contextlib.nullcontext()
+
+    def replica_difference(self, module) -> tuple[int, float]:
+        """(copies of the weights, largest difference between any copy and rank 0's); a
+        collective: every process must call it."""
+        with torch.no_grad():
+            flat = torch.cat([variable.value.detach().reshape(-1) for variable in module.network.weights])
+            copies = [torch.empty_like(flat) for _ in range(self.replicas)]
+            dist.all_gather(copies, flat)
+            return self.replicas, max(float((copy - copies[0]).abs().max()) for copy in copies)
+
+
+def replicated_train_step(module, data, replica):
+    images, labels = data[0], data[1]
+
+    # Forward pass (through DDP, which prepares the gradient all-reduce)
+    module.zero_grad()
+    probabilities = replica(images, training=True)
+    loss, probabilities, _ = module.training_step((images, labels), probabilities)
+
+    # Compute gradients (averaged across processes during backward)
+    loss.backward()
+    gradients = [variable.value.grad for variable in module.trainable_variables]
+
+    # Update weights
+    with torch.no_grad():
+        module.optimizer.apply(gradients, module.trainable_variables)
+
+    # Update metrics: those of the global batch, the same on every process
+    with torch.no_grad():
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        loss = loss / dist.get_world_size()
+        labels = _gather(torch.as_tensor(labels, device=probabilities.device))
+        probabilities = _gather(probabilities.detach().contiguous())
+    return _update_metrics(module, loss, labels, probabilities)
+
+
+def _gather(tensor):
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def launch(function, args, config) -> int:
+    """Start config.devices processes on this machine (torch.multiprocessing, spawn),
+    each running function(local_rank, *args) in a process group (Gloo on CPU, NCCL on
+    GPU), and wait for them; returns the first non-zero exit code. When one exits with
+    an error, torch.multiprocessing stops the others. (torchrun's agent process is not
+    used: a worker that exits without destroy_process_group can abort in Gloo's threads
+    at interpreter teardown, "terminate called without an active exception",
+    pytorch/pytorch#190489; `_process` destroys the group on success.)"""
+    if config.num_nodes > 1:
+        host, port = config.coordinator.rsplit(":", 1)
+    else:
+        host = "127.0.0.1"
+        port = free_port(host)
+    cuda = config.accelerator != "cpu" and torch.cuda.is_available()
+    if config.accelerator == "gpu" and torch.cuda.device_count() < config.devices:
+        print(f"train.py: error: --devices {config.devices}: torch sees {torch.cuda.device_count()} GPU(s); "
+              "lower --devices", file=sys.stderr)
+        return 2
+    settings = (f"tcp://{host}:{port}", config.node_rank * config.devices, config.world_size, cuda,
+                config.collective_timeout_s)
+    context = torch.multiprocessing.start_processes(
+        _process, args=(function, args, settings), nprocs=config.devices, join=False, start_method="spawn")
+    try:
+        while not context.join():
+            pass
+    except torch.multiprocessing.ProcessExitedException as error:
+        if error.exit_code is None or error.exit_code < 0:
+            print(f"train.py: error: worker {error.error_index} was killed ({error.signal_name}); "
+                  "the other workers were stopped", file=sys.stderr)
+            return 1
+        return error.exit_code
+    except torch.multiprocessing.ProcessRaisedException as error:
+        last = str(error).strip().splitlines()[-1]
+        print(f"train.py: error: worker {error.error_index} failed: {last}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _process(local_rank, function, args, settings):
+    address, first_rank, world_size, cuda, timeout_s = settings
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        # Each process would take every core for its own threads; N processes on the same
+        # cores then oversubscribe them (as Lightning does, share the cores out).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=address, rank=first_rank + local_rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    code = function(local_rank, *args)
+    if code == 0:
+        # Before the interpreter's teardown, while Gloo's threads can still be joined.
+        dist.destroy_process_group()
+        sys.exit(0)
+    # On failure other processes may still be inside a collective: destroying the group
+    # could wait for them; leave at once (the launcher stops the rest).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

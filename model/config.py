@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 
 BACKENDS = ("jax", "tensorflow", "torch")
+# Lightning's spelling (model/devices.py): "auto" takes GPUs when the framework sees any.
+ACCELERATORS = ("auto", "cpu", "gpu")
 STEPS = ("keras", "native")
 # "fast": TiledMaxPooling2D (model/cnn.py); "stock": keras.layers.MaxPooling2D.
 POOLINGS = ("fast", "stock")
@@ -46,6 +48,16 @@ class TrainConfig:
     resume: bool = False
     # Whether steps are compiled (XLA for JAX/TF); None lets each backend use its fastest.
     jit_compile: bool | None = None
+    # Data-parallel training (model/devices.py): devices per machine, machines, this
+    # machine's rank and the rank-0 machine's HOST:PORT (needed when num_nodes > 1).
+    # batch_size is the global batch, split evenly over devices * num_nodes replicas.
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    node_rank: int = 0
+    coordinator: str | None = None
+    # A collective that waits longer than this (a worker died or hangs) stops the run.
+    collective_timeout_s: float = 300.0
 
     # A dry run is "a few batches, one epoch".
     DRY_RUN_BATCHES = 5
@@ -59,6 +71,11 @@ class TrainConfig:
             limit = self.limit_train_batches or self.DRY_RUN_BATCHES
             return self.replace(epochs=1, limit_train_batches=min(limit, self.DRY_RUN_BATCHES))
         return self
+
+    @property
+    def world_size(self) -> int:
+        """How many replicas train: one per device on every machine."""
+        return self.devices * self.num_nodes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

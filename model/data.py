@@ -440,6 +440,9 @@ class MNISTDataModule:
     zoom: float = 0.0
     path: str | None = None
     limit_train_batches: int | None = None
+    # Leave out an epoch's last, smaller batch (data-parallel runs: every batch must
+    # split evenly over the replicas). The order of the batches kept is unchanged.
+    drop_last: bool = False
 
     def setup(self, arrays: Arrays | None = None) -> "MNISTDataModule":
         (x_train, y_train), (x_test, y_test) = verify_mnist(arrays) if arrays else load_mnist(self.path)
@@ -454,7 +457,7 @@ class MNISTDataModule:
 
     @property
     def steps_per_epoch(self) -> int:
-        full = -(-len(self.x_train) // self.batch_size)
+        full = len(self.x_train) // self.batch_size if self.drop_last else -(-len(self.x_train) // self.batch_size)
         return min(full, self.limit_train_batches) if self.limit_train_batches else full
 
     def epoch_order(self, epoch: int) -> np.ndarray:

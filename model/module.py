@@ -31,6 +31,9 @@ class CNNModule(keras.Model):
         self.step = step
         self.ema_momentum = ema_momentum
         self.network = build_cnn(pooling)
+        # Set by a data-parallel engine whose step must run through its own wrapper
+        # (torch's DDP, backends/torch_backend.py); None: Keras' or the native step.
+        self.replicated_step = None
         # The wrapped network is built on construction and nothing else holds weights,
         # so the module is usable at once (JAX's stateless_call insists on it).
         self.built = True
@@ -101,6 +104,8 @@ class CNNModule(keras.Model):
 
     def train_step(self, *args):
         """Keras calls this once per batch: (data) on TF/torch, (state, data) on JAX."""
+        if self.replicated_step is not None:
+            return self.replicated_step(self, *args)
         if self.step == "keras":
             return super().train_step(*args)
         from backends import native_train_step

@@ -13,6 +13,7 @@ user's:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -105,6 +106,24 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         )
 
 
+class ValidateUnsharded(keras.callbacks.Callback):
+    """Data-parallel runs: the validation set evaluated at each epoch's end with the
+    engine's `unsharded()` evaluation (in place of fit's validation_data, which JAX
+    would shard: its last batch need not split over the devices). Placed first, so
+    the val_ logs reach the history and the checkpoint callback."""
+
+    def __init__(self, engine, images, labels, batch_size: int):
+        super().__init__()
+        self.engine, self.images, self.labels, self.batch_size = engine, images, labels, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.engine.unsharded():
+            results = self.model.evaluate(self.images, self.labels, batch_size=self.batch_size, verbose=0,
+                                          return_dict=True)
+        if logs is not None:
+            logs.update({f"val_{name}": value for name, value in results.items()})
+
+
 @dataclass
 class Trainer:
     max_epochs: int = 15
@@ -115,6 +134,8 @@ class Trainer:
     jit_compile: bool | str = "auto"
     checkpoint_dir: str | Path | None = None
     verbose: int | str = "auto"
+    # A data-parallel engine (model/devices.py start_engine); None: one device.
+    engine: object = None
 
     def __post_init__(self):
         if self.fast_dev_run:
@@ -133,26 +154,36 @@ class Trainer:
         backend.configure(deterministic=self.deterministic)
         if self.jit_compile == "auto":
             self.jit_compile = backend.default_jit_compile(self.deterministic)
+        if self.engine is not None:  # data parallel: the engine says what it can compile
+            self.jit_compile = self.engine.jit_compile(self.jit_compile)
         if self.limit_train_batches:
             datamodule.limit_train_batches = self.limit_train_batches
         initial_epoch, history, best = 0, [], None
         if self.checkpoint_dir is not None and Path(self.checkpoint_dir).is_dir():
             remove_stale_temp_files(self.checkpoint_dir)
-        if resume:
-            module, initial_epoch, history, best = self._restore(datamodule)
-        if not module.compiled:
-            module.configure(jit_compile=self.jit_compile)
+        with self._engine_scope():  # TensorFlow: variables made here are mirrored
+            if resume:
+                module, initial_epoch, history, best = self._restore(datamodule)
+            if not module.compiled:
+                module.configure(jit_compile=self.jit_compile)
         backend.fuse_optimizer(module.optimizer)
         callbacks = [StopOnNonFiniteLoss(), self.timer]
+        validation = (datamodule.x_val, datamodule.y_val) if len(datamodule.x_val) else None
+        data = backend.training_data(datamodule, initial_epoch, self.max_epochs)
+        if self.engine is not None:
+            self.engine.replicate(module)
+            data = self.engine.local_batches(data)
+            if validation is not None:
+                callbacks.insert(0, ValidateUnsharded(self.engine, *validation, max(datamodule.batch_size, 1000)))
+                validation = None
         checkpoint = None
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and self.is_main:  # written once, by rank 0
             checkpoint = AtomicCheckpoint(self.checkpoint_dir, history=history, best=best)
             callbacks.append(checkpoint)
         callbacks.extend(self.callbacks)
-        validation = (datamodule.x_val, datamodule.y_val) if len(datamodule.x_val) else None
         if initial_epoch < self.max_epochs:
             module.fit(
-                backend.training_data(datamodule, initial_epoch, self.max_epochs),
+                data,
                 steps_per_epoch=datamodule.steps_per_epoch,
                 shuffle=False,  # the data module already shuffled, by seed and epoch
                 epochs=self.max_epochs,
@@ -160,10 +191,18 @@ class Trainer:
                 validation_data=validation,
                 batch_size=None,
                 callbacks=callbacks,
-                verbose=self.verbose,
+                verbose=self.verbose if self.is_main else 0,
             )
-        self.history = checkpoint.history if checkpoint else self._history_from(module)
+        self.history = checkpoint.history if checkpoint else history + self._history_from(module)
         return module
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs, files and checkpoints (rank 0)."""
+        return self.engine is None or self.engine.is_main
+
+    def _engine_scope(self):
+        return self.engine.scope() if self.engine is not None else contextlib.nullcontext()
 
     def _restore(self, datamodule: MNISTDataModule):
         if self.checkpoint_dir is None:
@@ -212,5 +251,6 @@ class Trainer:
 
             jit_compile = backend_module().default_jit_compile(self.deterministic) if self.jit_compile == "auto" else self.jit_compile
             module.configure(jit_compile=jit_compile)
-        logs = module.evaluate(images, labels, batch_size=max(batch_size, 1000), verbose=0, return_dict=True)
+        with self.engine.unsharded() if self.engine is not None else contextlib.nullcontext():
+            logs = module.evaluate(images, labels, batch_size=max(batch_size, 1000), verbose=0, return_dict=True)
         return {f"{stage}_{name}": float(value) for name, value in logs.items()}

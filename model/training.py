@@ -62,14 +62,17 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
 def prepare_run(config: TrainConfig, arrays=None):
     """(module, datamodule, trainer) exactly as train.py uses them; the benchmark's
     keras-fit cells call this too, so they time the same code path."""
-    import keras
+    import contextlib
 
     from model.cnn import seeded_weights
     from model.data import MNISTDataModule
+    from model.devices import start_engine
     from model.module import CNNModule
     from model.runtime import seed_everything
     from model.trainer import Trainer
 
+    # Data parallel: the engine exists before the module, whose variables it lays out.
+    engine = start_engine(config)
     seed_everything(config.seed)
     datamodule = MNISTDataModule(
         batch_size=config.batch_size,
@@ -80,14 +83,17 @@ def prepare_run(config: TrainConfig, arrays=None):
         zoom=config.zoom,
         path=config.data,
         limit_train_batches=config.limit_train_batches,
+        # Every batch must split evenly over the replicas (README: "More than one device").
+        drop_last=config.world_size > 1,
     ).setup(arrays)
-    module = CNNModule(lr=config.lr, decay_steps=config.epochs * datamodule.steps_per_epoch,
-                       pooling=config.pooling, step=config.step, ema_momentum=config.ema_momentum)
-    # Weights drawn with numpy: every backend starts from the same numbers for a seed.
-    module.network.set_weights(seeded_weights(module.network, config.seed))
+    with engine.scope() if engine is not None else contextlib.nullcontext():
+        module = CNNModule(lr=config.lr, decay_steps=config.epochs * datamodule.steps_per_epoch,
+                           pooling=config.pooling, step=config.step, ema_momentum=config.ema_momentum)
+        # Weights drawn with numpy: every backend starts from the same numbers for a seed.
+        module.network.set_weights(seeded_weights(module.network, config.seed))
     jit_compile = "auto" if config.jit_compile is None else config.jit_compile
     checkpoint_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
-    trainer = Trainer(max_epochs=config.epochs, jit_compile=jit_compile, checkpoint_dir=checkpoint_dir)
+    trainer = Trainer(max_epochs=config.epochs, jit_compile=jit_compile, checkpoint_dir=checkpoint_dir, engine=engine)
     return module, datamodule, trainer
 
 
@@ -101,16 +107,34 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
     from model.cnn import portable_network
     from model.runtime import describe_runtime
 
+    started = time.perf_counter()
+    # Before describe_runtime: TensorFlow's logical devices must be made before TF starts.
+    module, datamodule, trainer = prepare_run(config)
     runtime = describe_runtime()
+    if not trainer.is_main:
+        log = _silent  # data parallel: rank 0 speaks and writes, the others only train
+    engine = trainer.engine
+    runtime.update(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                   engine=engine.ENGINE if engine is not None else "single device",
+                   replicas=engine.replicas if engine is not None else 1)
+    if engine is not None:
+        runtime["replica_devices"] = engine.device_names
     log(f"backend {runtime['backend']} | device {runtime['device']} | "
         + " ".join(f"{name} {version}" for name, version in runtime["versions"].items()))
-
-    started = time.perf_counter()
-    module, datamodule, trainer = prepare_run(config)
+    if engine is not None:
+        log(f"data parallel: {engine.replicas} replicas ({', '.join(engine.device_names)}) through {engine.ENGINE}; "
+            f"{config.batch_size // engine.replicas} images of each batch per replica")
     log(f"data: {len(datamodule.x_train)} train, {len(datamodule.x_val)} validation, {len(datamodule.x_test)} test images; "
         f"{datamodule.steps_per_epoch} steps of {config.batch_size} per epoch")
     module = trainer.fit(module, datamodule, resume=config.resume)
     test = trainer.test(module, datamodule)
+    replica_check = {}
+    if engine is not None:
+        # A collective on torch: every process takes part, before rank 0 alone goes on.
+        copies, difference = engine.replica_difference(module)
+        replica_check = {"weight_copies": copies, "replica_max_weight_difference": difference}
+    if not trainer.is_main:
+        return {}
 
     # Stock Keras layers only: the file opens in a plain Keras install (model.cnn.portable_network).
     save_model(portable_network(module.network), output_dir / "model.keras")
@@ -127,6 +151,7 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
         "step_ms_median": trainer.timer.step_ms_median(),
         "wall_seconds": time.perf_counter() - started,
         "peak_device_mb": backend_module().peak_device_memory_mb(),
+        **replica_check,
     }
     write_json(output_dir / "run.json", result)
     median = result["step_ms_median"]
@@ -134,3 +159,7 @@ def train_and_evaluate(config: TrainConfig, log=print) -> dict:
     log(f"test accuracy {test['test_accuracy']:.4f} (loss {test['test_loss']:.4f}); "
         f"{step}; wrote {output_dir}/model.keras, run.json, curves.png")
     return result
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
