@@ -105,7 +105,8 @@ def run_rank(local_rank: int, config: TrainConfig) -> int:
     from model.training import train_and_evaluate
 
     try:
-        train_and_evaluate(config)
+        # Data parallel: main() checked the output dir before the workers started.
+        train_and_evaluate(config, check_output=config.world_size == 1)
     except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

@@ -186,8 +186,12 @@ class DataParallel:
         """Nothing to wrap: set_distribution already laid the variables out."""
 
     def local_batches(self, batches):
-        # Keras cuts each global batch into per-device shards itself.
-        return batches
+        """This process's rows of each global batch (all of them on one machine): Keras
+        cuts them into per-device shards itself (jax.make_array_from_process_local_data)."""
+        processes, index = jax.process_count(), jax.process_index()
+        for images, labels in batches:
+            size = len(labels) // processes
+            yield images[index * size:(index + 1) * size], labels[index * size:(index + 1) * size]
 
     @contextlib.contextmanager
     def unsharded(self):

@@ -159,7 +159,7 @@ class Trainer:
         if self.limit_train_batches:
             datamodule.limit_train_batches = self.limit_train_batches
         initial_epoch, history, best = 0, [], None
-        if self.checkpoint_dir is not None and Path(self.checkpoint_dir).is_dir():
+        if self.checkpoint_dir is not None and Path(self.checkpoint_dir).is_dir() and self.is_main:
             remove_stale_temp_files(self.checkpoint_dir)
         with self._engine_scope():  # TensorFlow: variables made here are mirrored
             if resume:

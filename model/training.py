@@ -97,10 +97,13 @@ def prepare_run(config: TrainConfig, arrays=None):
     return module, datamodule, trainer
 
 
-def train_and_evaluate(config: TrainConfig, log=print) -> dict:
-    """Train and test one CNN as `config` says; returns what run.json holds."""
+def train_and_evaluate(config: TrainConfig, log=print, check_output: bool = True) -> dict:
+    """Train and test one CNN as `config` says; returns what run.json holds.
+    `check_output=False`: the caller checked the output dir already (train.py does,
+    once, before it starts data-parallel workers)."""
     config = config.effective()
-    output_dir = check_output_dir(config.output_dir)  # before seconds of imports
+    # Before seconds of imports.
+    output_dir = check_output_dir(config.output_dir) if check_output else Path(config.output_dir)
 
     from backends import backend_module
     from model.checkpoint import save_model, write_json
