@@ -34,6 +34,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from model.config import TrainConfig
+
 TRAIN_SIZE = 60_000
 TEST_SIZE = 10_000
 IMAGE_SIZE = 28
@@ -432,14 +434,16 @@ class MNISTDataModule:
     augmentation from a numpy generator, and batching. For a given seed the batches are
     identical on every backend, because nothing here touches a framework's RNG."""
 
-    batch_size: int = 128
-    validation_size: int = 5000
-    seed: int = 0
-    shift_pixels: float = 2
-    rotation_degrees: float = 0.0
-    zoom: float = 0.0
-    path: str | None = None
-    limit_train_batches: int | None = None
+    # The recipe's values (model.config.TrainConfig), so a data module built without
+    # arguments augments exactly as a real run does.
+    batch_size: int = TrainConfig.batch_size
+    validation_size: int = TrainConfig.validation_size
+    seed: int = TrainConfig.seed
+    shift_pixels: float = TrainConfig.shift_pixels
+    rotation_degrees: float = TrainConfig.rotation_degrees
+    zoom: float = TrainConfig.zoom
+    path: str | None = TrainConfig.data
+    limit_train_batches: int | None = TrainConfig.limit_train_batches
 
     def setup(self, arrays: Arrays | None = None) -> "MNISTDataModule":
         (x_train, y_train), (x_test, y_test) = verify_mnist(arrays) if arrays else load_mnist(self.path)
