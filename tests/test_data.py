@@ -129,6 +129,34 @@ def test_explicit_path_comes_first_and_is_not_cached(mnist_arrays, idx_folder, t
     assert not cache_dir.exists()
 
 
+@pytest.mark.parametrize("via", ["argument", "env"])
+def test_failing_explicit_path_is_an_error_not_a_fallback(mnist_arrays, tmp_path, monkeypatch, via):
+    cache_dir = tmp_path / "cache"
+    write_cache(mnist_arrays, cache_dir)  # a valid cache, which must not be used instead
+    missing = tmp_path / "no-such-mnist.npz"
+    if via == "env":
+        monkeypatch.setenv(PATH_ENV, str(missing))
+    messages = []
+    with pytest.raises(MnistDataError) as error:
+        load_mnist(path=missing if via == "argument" else None, cache_dir=cache_dir, log=messages.append)
+    message = str(error.value)
+    assert message.startswith(f"cannot use MNIST at {missing}") and "does not exist" in message
+    assert ("$MNIST_PATH" in message) == (via == "env")
+    assert "\n" not in message and messages == []
+
+
+def test_random_bytes_npz_is_not_a_pickle(tmp_path):
+    path = tmp_path / "mnist.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(MnistDataError, match=r"is not an \.npz file") as error:
+        load_from_path(path)
+    assert "pickle" not in str(error.value)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(path)
+    with pytest.raises(MnistDataError, match=r"is a single \.npy array"):
+        load_from_path(path)
+
+
 def test_missing_path_is_named(tmp_path):
     missing = tmp_path / "no-such-mnist.npz"
     with pytest.raises(MnistDataError, match="does not exist") as error:
@@ -146,7 +174,7 @@ def test_npz_lacking_arrays_is_refused(mnist_arrays, tmp_path):
 def test_file_that_is_not_an_npz_is_refused(tmp_path):
     path = tmp_path / "mnist.npz"
     path.write_bytes(b"this is not a zip archive")
-    with pytest.raises(MnistDataError, match="is not a readable .npz"):
+    with pytest.raises(MnistDataError, match=r"is not an \.npz file"):
         load_from_path(path)
 
 
