@@ -54,10 +54,11 @@ def select_backend(requested: str | None = None) -> str:
         raise UsageError(
             f"backend {backend!r} is not installed; install it with: pip install -c constraints.txt '.[{backend}]'"
         )
-    from backends import framework_environment
+    from backends import framework_environment, import_framework_quietly
 
     os.environ.update(framework_environment(backend))
     os.environ["KERAS_BACKEND"] = backend
+    import_framework_quietly(backend)
     return backend
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from backends import FRAMEWORK_FLAGS, framework_environment
+from backends import FRAMEWORK_FLAGS, QUIET_DEFAULTS, framework_environment
 from tests.helpers import BACKENDS, TRAIN_PY_MODEL, arrays, check_value, require_backend
 
 EXPECTED_LAYERS = [
@@ -78,6 +79,19 @@ def test_train_py_dry_run_writes_model_run_json_and_curves(backend, dry_runs, cr
     assert (probabilities.argmax(axis=1) == mnist_arrays[1][1]).mean() == pytest.approx(run["test_accuracy"], abs=1e-4)
 
 
+def test_tensorflow_run_prints_no_info_chatter(dry_runs):
+    """TensorFlow's C++ INFO lines ("I0000 ... oneDNN custom operations are on", "XLA
+    service ... initialized") are off by default (backends.QUIET_DEFAULTS,
+    backends.import_framework_quietly); the dry run's environment (tests/helpers.py
+    backend_env) leaves the level to the project, as a user's shell would."""
+    require_backend("tensorflow")
+    result, _ = dry_runs("tensorflow")
+    assert result.returncode == 0, result.stderr[-3000:]
+    chatter = [line for line in result.stderr.splitlines()
+               if re.match(r"I\d{4} ", line) or "absl::InitializeLog" in line]
+    assert not chatter, chatter
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fast_pooling_equals_stock_max_pooling(backend, backend_results):
     result = check_value(backend_results(backend), "fast_pooling")
@@ -121,5 +135,12 @@ def test_framework_flags_are_appended_and_the_users_own_win():
     assert framework_environment("jax", {variable: "--xla_dump_to=/tmp/x"})[variable] == f"--xla_dump_to=/tmp/x {flag}"
     own = f"{name}=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
     assert framework_environment("jax", {variable: own})[variable] == own
-    assert framework_environment("torch", {"A": "1"}) == {"A": "1"}
-    assert framework_environment("tensorflow", {}) == {}
+    assert framework_environment("torch", {"A": "1"}) == {"A": "1", **QUIET_DEFAULTS}
+    assert framework_environment("tensorflow", {}) == QUIET_DEFAULTS
+
+
+def test_tensorflow_info_lines_are_off_unless_the_user_set_the_level():
+    assert QUIET_DEFAULTS == {"TF_CPP_MIN_LOG_LEVEL": "1"}  # 1: INFO off, warnings kept
+    for backend in BACKENDS:
+        assert framework_environment(backend, {})["TF_CPP_MIN_LOG_LEVEL"] == "1"
+        assert framework_environment(backend, {"TF_CPP_MIN_LOG_LEVEL": "0"})["TF_CPP_MIN_LOG_LEVEL"] == "0"
