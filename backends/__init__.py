@@ -21,7 +21,6 @@ BACKEND_MODULES = {
     "tensorflow": "backends.tensorflow_backend",
     "torch": "backends.torch_backend",
 }
-EXTRAS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
 
 # Settings a framework reads once, when it starts (XLA: when its first client is made),
 # so they go into a process's environment before keras is imported: by

@@ -40,6 +40,8 @@ def test_short_training_on_real_mnist_learns(backend, backend_results):
     assert run["test_accuracy_after"] > 0.85
 
 
+@pytest.mark.only_backends("tensorflow", reason="its training_data returns datamodule.batches_from itself, "
+                            "which the check would compare with itself")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fit_is_fed_the_data_modules_batches_in_order(backend, backend_results):
     fed = check_value(backend_results(backend), "training_data")
@@ -63,7 +65,6 @@ def test_train_py_dry_run_writes_model_run_json_and_curves(backend, dry_runs, cr
     assert run["backend"] == backend
     assert run["config"]["epochs"] == 1 and run["config"]["limit_train_batches"] == 5
     assert len(run["history"]) == 1 and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(run["history"][0])
-    assert 0.0 <= run["test_accuracy"] <= 1.0
     # train.py put the backend's framework flags in its environment before keras started.
     if backend in FRAMEWORK_FLAGS:
         _, _, variable, flags = FRAMEWORK_FLAGS[backend]
@@ -76,7 +77,11 @@ def test_train_py_dry_run_writes_model_run_json_and_curves(backend, dry_runs, cr
     probabilities, _ = arrays(cross_loaded(backend)[TRAIN_PY_MODEL])
     assert probabilities.shape == (10_000, 10)
     assert np.abs(probabilities.sum(axis=1) - 1).max() < 1e-5
-    assert (probabilities.argmax(axis=1) == mnist_arrays[1][1]).mean() == pytest.approx(run["test_accuracy"], abs=1e-4)
+    # run.json's test figures are model.keras' own on the 10,000 test images.
+    labels = mnist_arrays[1][1]
+    assert (probabilities.argmax(axis=1) == labels).mean() == pytest.approx(run["test_accuracy"], abs=1e-4)
+    cross_entropy = -np.log(probabilities[np.arange(len(labels)), labels]).mean()
+    assert cross_entropy == pytest.approx(run["test_loss"], rel=1e-3)
 
 
 def test_tensorflow_run_prints_no_info_chatter(dry_runs):
@@ -102,27 +107,27 @@ def test_fast_pooling_equals_stock_max_pooling(backend, backend_results):
     assert result["gradient_max_relative_difference"] <= 1e-5
 
 
+@pytest.mark.only_backends("torch", reason="fuse_optimizer does nothing here (XLA fuses Keras' update), "
+                            "so Keras' weight average would be compared with itself")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_weight_average_equals_keras_own(backend, backend_results):
     """backends/<backend>.fuse_optimizer: on torch the weight average runs as two _foreach
     kernels; its values must be Keras' own, and Keras' torch Adam must stay in place."""
     run = check_value(backend_results(backend), "moving_average")
     assert run["classes"][0] == run["classes"][1]
-    # Keras called the fused update once per step on torch; XLA backends keep Keras' own.
-    assert run["fused_calls"] == (3 if backend == "torch" else 0)
+    # Keras called the fused update once per step.
+    assert run["fused_calls"] == 3
     assert run["max_average_vs_weights"] > 1e-2
     assert run["max_average_difference"] <= 1e-6
     assert run["max_weight_difference"] == 0.0
 
 
+@pytest.mark.only_backends("jax", reason="the XLA_FLAGS convolution setting is JAX's alone")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jax_convolutions_compile_to_xla_own_kernels(backend, backend_results):
     """backends.FRAMEWORK_FLAGS keeps XLA:CPU's convolutions out of YNNPACK (single-threaded
     for this CNN's); the other backends have no such flag."""
     result = check_value(backend_results(backend), "compiled_convolution")
-    if backend != "jax":
-        assert result["ynnpack"] is None
-        return
     assert FRAMEWORK_FLAGS["jax"][3][0] in result["xla_flags"].split()
     assert result["ynnpack"] is False, "XLA compiled the convolution to YNNPACK: the XLA_FLAGS setting did not take"
 
