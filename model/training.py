@@ -34,13 +34,13 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     return folder
 
 
-def plot_curves(history: list[dict], path: Path, title: str) -> Path:
+def curves_figure(history: list[dict], title: str):
+    """The matplotlib figure of curves.png: loss and accuracy per epoch (whole-epoch ticks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from model.checkpoint import atomic_write
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -48,12 +48,22 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
         axis.plot(epochs, [h.get(metric) for h in history], "o-", label="train")
         if any(f"val_{metric}" in h for h in history):
             axis.plot(epochs, [h.get(f"val_{metric}") for h in history], "o-", label="validation")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axis.set_xlabel("epoch")
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    from model.checkpoint import atomic_write
+
+    figure = curves_figure(history, title)
     atomic_write(path, lambda temp: figure.savefig(temp, dpi=100, format="png"))
     plt.close(figure)
     return path

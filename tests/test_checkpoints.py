@@ -102,3 +102,34 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(backe
     assert len(errors) == 1 and "at epoch 1, step" in errors[0] and ("nan" in errors[0] or "inf" in errors[0]), \
         exploded.stderr[-2000:]
     assert last.read_bytes() == before
+
+
+def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    """model.checkpoint.atomic_write: while the writer runs, and after it fails half-way,
+    the destination holds the old bytes; no temp file is left; a finished write has the
+    permissions a plain open() would give."""
+    import os
+
+    from model.checkpoint import atomic_write
+
+    path = tmp_path / "last.keras"
+    path.write_bytes(b"old checkpoint")
+    seen_during_write = []
+
+    def half_write_then_fail(temp):
+        temp.write_bytes(b"new but torn")
+        seen_during_write.append(path.read_bytes())
+        raise KeyboardInterrupt  # a BaseException, like a signal mid-save
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, half_write_then_fail)
+    assert seen_during_write == [b"old checkpoint"]
+    assert path.read_bytes() == b"old checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.keras"]
+
+    assert atomic_write(path, lambda temp: temp.write_bytes(b"new checkpoint")) == path
+    assert path.read_bytes() == b"new checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.keras"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
