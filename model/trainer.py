@@ -88,6 +88,8 @@ class StopOnInterrupt(keras.callbacks.Callback):
             os.write(2, b"\ntrain.py: second Ctrl-C: stopped at once; the last checkpoint written is kept\n")
             os._exit(130)
         self.requested = True
+        # On stdout, so that stderr keeps the one line that says where the run stopped.
+        os.write(1, b"\ntrain.py: Ctrl-C: stopping after this step; press it again to stop at once\n")
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch

@@ -164,7 +164,7 @@ def _train_and_evaluate(config: TrainConfig, output_dir: Path, log, resumed_from
         **runtime,
         "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # What ran: on --resume the checkpoint's settings, and this backend's jit_compile.
-        "config": config.replace(jit_compile=trainer.jit_compile).to_dict(),
+        "config": config.replace(jit_compile=bool(module.jit_compile)).to_dict(),
         "resumed_from_epoch": resumed_from,
         "history": trainer.history,
         "test_accuracy": test["test_accuracy"],
