@@ -82,10 +82,18 @@ def main(argv=None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
 
+    # Light imports only: the output dir and a resume checkpoint are checked (and refused)
+    # before keras and the framework load, which takes seconds.
     from model.checkpoint import CheckpointError
     from model.data import MnistDataError
-    from model.trainer import NonFiniteLossError, TrainingInterrupted
     from model.training import train_and_evaluate
+
+    def trainer_errors() -> tuple:
+        if "model.trainer" not in sys.modules:  # raised only once training code was imported
+            return ()
+        from model.trainer import NonFiniteLossError, TrainingInterrupted
+
+        return NonFiniteLossError, TrainingInterrupted
 
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
@@ -96,12 +104,6 @@ def main(argv=None) -> int:
         config = config.replace(shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0)
     try:
         train_and_evaluate(config, given=given_settings(argv))
-    except TrainingInterrupted as error:
-        print(flush=True)
-        resume = f"; continue with: {resume_command(args)}" if "kept" in error.checkpoint_note else ""
-        print(f"train.py: stopped by Ctrl-C at epoch {error.epoch}, step {error.step} of {error.steps_per_epoch}; "
-              f"{error.checkpoint_note}{resume}", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         # Ctrl-C before training began (imports, data): nothing was written.
         print("\ntrain.py: stopped by Ctrl-C before training began; no checkpoint was written", file=sys.stderr)
@@ -109,8 +111,13 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    except (MnistDataError, CheckpointError, NonFiniteLossError) as error:
+    except (MnistDataError, CheckpointError, *trainer_errors()) as error:
         print(flush=True)  # end Keras' progress-bar line, so the error gets a line of its own
+        if type(error).__name__ == "TrainingInterrupted":
+            resume = f"; continue with: {resume_command(args)}" if "kept" in error.checkpoint_note else ""
+            print(f"train.py: stopped by Ctrl-C at epoch {error.epoch}, step {error.step} of {error.steps_per_epoch}; "
+                  f"{error.checkpoint_note}{resume}", file=sys.stderr)
+            return 130
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     return 0

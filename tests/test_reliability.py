@@ -218,6 +218,11 @@ def replace_state(source: Path, target: Path, state: bytes | None, model: Path |
             copy.writestr("trainer_state.json", state)
 
 
+def unfinished(state: dict) -> dict:
+    """`state` as it was one epoch earlier."""
+    return {**state, "epochs_completed": state["epochs_completed"] - 1, "history": state["history"][:-1]}
+
+
 def run_main_cases(cases: dict, backend: str) -> dict:
     """name -> (rc, stderr, stdout) of train.main(argv) for each case, all in one process
     (the refusals need no training, and a process start costs seconds)."""
@@ -243,8 +248,10 @@ def refusals(resumed_on_torch, tmp_path_factory):
     root = tmp_path_factory.mktemp("refusals")
     last = output / "checkpoints" / "last.keras"
     broken = {"corrupt-state": b"{not json", "state-is-a-list": b"[1, 2]", "no-state": None,
-              # A copied model.keras, with and without a valid trainer state added.
-              "model-without-optimizer": json.dumps(trainer_state(last)).encode(), "model-as-checkpoint": None}
+              # A copied model.keras, with and without a valid trainer state (of an unfinished
+              # run, so that resume must load it) added.
+              "model-without-optimizer": json.dumps(unfinished(trainer_state(last))).encode(),
+              "model-as-checkpoint": None}
     cases = {name: [*argv, "--output-dir", str(output)] for name, (argv, _, _) in REFUSED_ON_A_FINISHED_RUN.items()}
     cases["complete"] = ["--resume", "--output-dir", str(output)]
     for name, state in broken.items():
