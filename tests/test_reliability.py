@@ -120,7 +120,14 @@ def signalled_runs(tmp_path_factory):
                    for backend in BACKENDS if installed(backend)}
         if installed("torch"):
             futures["double"] = pool.submit(double_ctrl_c, root)
-        return {name: future.result() for name, future in futures.items()}
+        # A scenario that failed fails its own tests only (scenario() re-raises it).
+        return {name: future.exception() or future.result() for name, future in futures.items()}
+
+
+def scenario(runs: dict, name: str) -> dict:
+    if isinstance(runs[name], BaseException):
+        raise runs[name]
+    return runs[name]
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
@@ -129,7 +136,7 @@ def signalled_runs(tmp_path_factory):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ctrl_c_stops_at_a_step_boundary_with_one_line(backend, signalled_runs):
     require_backend(backend)
-    run = signalled_runs[backend]
+    run = scenario(signalled_runs, backend)
     output = run["output"]
     line = one_error(run["result"], 130, "stopped by Ctrl-C at epoch", "the last good checkpoint (epoch",
                      f"continue with: python train.py --backend {backend} --output-dir {output} --resume")
@@ -145,7 +152,7 @@ def test_ctrl_c_stops_at_a_step_boundary_with_one_line(backend, signalled_runs):
 
 def test_second_ctrl_c_exits_at_once(signalled_runs):
     require_backend("torch")
-    result = signalled_runs["double"]["result"]
+    result = scenario(signalled_runs, "double")["result"]
     assert result.returncode == 130, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert error_lines(result.stderr) == ["train.py: second Ctrl-C: stopped at once; the last checkpoint written is kept"]
@@ -156,7 +163,7 @@ def test_second_ctrl_c_exits_at_once(signalled_runs):
 
 def test_a_second_process_on_a_running_dir_is_refused(signalled_runs):
     require_backend("torch")
-    run = signalled_runs["torch"]
+    run = scenario(signalled_runs, "torch")
     one_error(run["second"], 2, f"another train.py (pid {run['pid']}) is running in output dir", "--output-dir")
     # The first run was not disturbed: it stopped on its Ctrl-C with its checkpoint whole.
     assert run["result"].returncode == 130
@@ -172,7 +179,7 @@ def resumed_on_torch(signalled_runs, tmp_path_factory):
     require_backend("jax")
     require_backend("torch")
     output = tmp_path_factory.mktemp("resumed") / "run"
-    shutil.copytree(signalled_runs["jax"]["output"], output)
+    shutil.copytree(scenario(signalled_runs, "jax")["output"], output)
     stopped_at = trainer_state(output / "checkpoints" / "last.keras")["epochs_completed"]
     result = run_python(["train.py", "--output-dir", output, "--resume"], "torch", timeout=300)
     return output, stopped_at, result
