@@ -11,7 +11,6 @@ It writes to `config.output_dir`:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
