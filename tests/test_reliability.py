@@ -271,6 +271,9 @@ def refusals(resumed_on_torch, tmp_path_factory):
     blocked.mkdir()
     (blocked / "checkpoints").write_text("not a folder")
     cases["checkpoints-is-a-file"] = ["--epochs", "1", *SHORT, "--output-dir", str(blocked)]
+    shutil.copytree(output, root / "overwritten")
+    cases["overwrite"] = ["--epochs", "1", "--limit-train-batches", "2", "--overwrite", "--output-dir",
+                          str(root / "overwritten")]
     before = snapshot(output)
     results = run_main_cases(cases, "torch")
     return results, before, snapshot(output), root
@@ -316,6 +319,20 @@ def test_checkpoints_as_a_file_is_refused_before_training(refusals):
     results, _, _, root = refusals
     check_refusal(results["checkpoints-is-a-file"], 2, ["checkpoints exists and is not a folder", "--output-dir"])
     assert (root / "checkpoints-is-a-file" / "checkpoints").read_text() == "not a folder"
+
+
+def test_overwrite_replaces_the_previous_run_whole(refusals):
+    results, before, _, root = refusals
+    rc, stderr, stdout = results["overwrite"]
+    assert rc == 0, stderr[-3000:]
+    folder = root / "overwritten"
+    run = json.loads((folder / "run.json").read_text())
+    assert run["config"]["epochs"] == 1 and [entry["epoch"] for entry in run["history"]] == [1]
+    # The new run's files, not the 4-epoch run's.
+    state = trainer_state(folder / "checkpoints" / "last.keras")
+    assert state["epochs_completed"] == 1 and state["run"]["limit_train_batches"] == 2
+    after = snapshot(folder)
+    assert all(after[name] != before[name] for name in ("model.keras", "checkpoints/best.keras", "run.json"))
 
 
 # ----------------------------------------------------------------------------- a full disk
