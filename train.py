@@ -13,22 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.arguments import positive_float, positive_int
-from model.config import ACCELERATORS, BACKENDS, POOLINGS, STEPS, TrainConfig
+from model.arguments import int_in_range, positive_float, positive_int
+from model.config import ACCELERATORS, BACKENDS, POOLINGS, SEED_RANGE, STEPS, TrainConfig
 from model.runtime import UsageError, select_backend
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser(**kwargs) -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
     parser.add_argument("--backend", help="Keras backend, one of " + ", ".join(BACKENDS)
                         + " (default: $KERAS_BACKEND, else keras.json, else tensorflow)")
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="epochs to train")
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                         help="training batch size: the global batch, split evenly over all devices")
     parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="peak Adam learning rate (cosine decay to 0)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for weights, split, order and augmentation")
+    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=defaults.seed,
+                        help=f"seed for weights, split, order and augmentation, {SEED_RANGE[0]} to {SEED_RANGE[1]}")
     parser.add_argument("--output-dir", default=defaults.output_dir, help="where model.keras, run.json, curves.png go")
     parser.add_argument("--limit-train-batches", type=positive_int, default=defaults.limit_train_batches,
                         metavar="N", help="train on at most N batches per epoch")
@@ -37,7 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="mnist.npz or a folder of IDX files (default: $MNIST_PATH, cache, download)")
     parser.add_argument("--step", choices=STEPS, default=defaults.step,
                         help="Keras' built-in train step or the backends/ native one")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.keras")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUTPUT_DIR from checkpoints/last.keras, with its settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the previous run in OUTPUT_DIR (without it, a new run there is refused)")
     parser.add_argument("--pooling", choices=POOLINGS, default=defaults.pooling,
                         help="max-pool layer: TiledMaxPooling2D, each backend's fastest exact kernel (fast), "
                              "or keras.layers.MaxPooling2D (stock)")
@@ -56,7 +60,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                          help="address of the machine with --node-rank 0 (needed with --num-nodes > 1)")
     devices.add_argument("--collective-timeout", type=positive_float, default=defaults.collective_timeout_s,
                          metavar="SECONDS", help="stop when a collective waits longer (a worker died or hangs)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def given_settings(argv=None) -> set[str]:
+    """The config fields the user set on the command line (--resume checks only these)."""
+    unset = object()  # not a string, so argparse does not run it through a flag's type
+    parser = build_parser()
+    parser.set_defaults(**{action.dest: unset for action in parser._actions if action.dest != "help"})
+    given = {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+    names = {name for name in given if name != "no_augment"}
+    if "no_augment" in given:
+        names |= {"shift_pixels", "rotation_degrees", "zoom"}
+    return names
+
+
+def resume_command(args) -> str:
+    """The command that continues this run (--resume reads every setting from the checkpoint)."""
+    from model.runtime import configured_backend
+
+    parts = ["python train.py", "--backend", args.backend or configured_backend()[0], "--output-dir", args.output_dir]
+    if args.data:
+        parts += ["--data", args.data]
+    return " ".join(parts + ["--resume"])
 
 
 def main(argv=None) -> int:
@@ -64,8 +94,8 @@ def main(argv=None) -> int:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
         limit_train_batches=args.limit_train_batches, dry_run=args.dry_run, data=args.data, step=args.step,
-        resume=args.resume, pooling=args.pooling, accelerator=args.accelerator, devices=args.devices,
-        num_nodes=args.num_nodes, node_rank=args.node_rank, coordinator=args.coordinator,
+        resume=args.resume, overwrite=args.overwrite, pooling=args.pooling, accelerator=args.accelerator,
+        devices=args.devices, num_nodes=args.num_nodes, node_rank=args.node_rank, coordinator=args.coordinator,
         collective_timeout_s=args.collective_timeout,
     )
     if args.no_augment:
@@ -81,37 +111,67 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    if config.world_size > 1:
-        from model.training import check_output_dir
 
-        try:
-            check_output_dir(config.output_dir)  # once, before any worker starts
-        except UsageError as error:
-            print(f"train.py: error: {error}", file=sys.stderr)
-            return 2
+    def launch(config, resumed_from) -> int:
+        # Data parallel, called with the output dir locked and checked: torch starts one
+        # process per device here; JAX and TensorFlow run run_rank in this process.
         from backends import backend_module
 
-        # torch starts one process per device here; JAX and TensorFlow run run_rank in this one.
-        return backend_module(backend).launch(run_rank, (config,), config)
-    return run_rank(0, config)
+        return backend_module(backend).launch(run_rank, (config, resumed_from, args), config)
+
+    def train() -> int:
+        from model.training import train_and_evaluate
+
+        result = train_and_evaluate(config, given=given_settings(argv), launch=launch if config.world_size > 1 else None)
+        return result if isinstance(result, int) else 0  # an exit code from the launcher, or run.json's contents
+
+    return report_errors(train, args)
 
 
-def run_rank(local_rank: int, config: TrainConfig) -> int:
-    """Train as `config` says in this process (one of several under torch's data
-    parallel); the exit code, with known failures turned into one line."""
+def run_rank(local_rank: int, config: TrainConfig, resumed_from, args) -> int:
+    """One data-parallel worker (of several under torch): trains in the output dir the
+    launcher locked; the exit code, with known failures turned into one line."""
+    from pathlib import Path
+
+    from model.training import train_in_directory
+
+    def train() -> int:
+        train_in_directory(config, Path(config.output_dir), print, resumed_from)
+        return 0
+
+    return report_errors(train, args)
+
+
+def report_errors(run, args) -> int:
+    """run()'s exit code, with known failures turned into one line."""
+    # Light imports only: the output dir and a resume checkpoint are checked (and refused)
+    # before keras and the framework load, which takes seconds.
     from model.checkpoint import CheckpointError
     from model.data import MnistDataError
-    from model.trainer import NonFiniteLossError
-    from model.training import train_and_evaluate
+
+    def trainer_errors() -> tuple:
+        if "model.trainer" not in sys.modules:  # raised only once training code was imported
+            return ()
+        from model.trainer import NonFiniteLossError, TrainingInterrupted
+
+        return NonFiniteLossError, TrainingInterrupted
 
     try:
-        # Data parallel: main() checked the output dir before the workers started.
-        train_and_evaluate(config, check_output=config.world_size == 1)
+        return run()
+    except KeyboardInterrupt:
+        # Ctrl-C before training began (imports, data): nothing was written.
+        print("\ntrain.py: stopped by Ctrl-C before training began; no checkpoint was written", file=sys.stderr)
+        return 130
     except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    except (MnistDataError, CheckpointError, NonFiniteLossError) as error:
+    except (MnistDataError, CheckpointError, *trainer_errors()) as error:
         print(flush=True)  # end Keras' progress-bar line, so the error gets a line of its own
+        if type(error).__name__ == "TrainingInterrupted":
+            resume = f"; continue with: {resume_command(args)}" if "kept" in error.checkpoint_note else ""
+            print(f"train.py: stopped by Ctrl-C at epoch {error.epoch}, step {error.step} of {error.steps_per_epoch}; "
+                  f"{error.checkpoint_note}{resume}", file=sys.stderr)
+            return 130
         print(f"train.py: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
+import tempfile
 from importlib import metadata
 from types import ModuleType
 
@@ -19,7 +21,6 @@ BACKEND_MODULES = {
     "tensorflow": "backends.tensorflow_backend",
     "torch": "backends.torch_backend",
 }
-EXTRAS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
 
 # Settings a framework reads once, when it starts (XLA: when its first client is made),
 # so they go into a process's environment before keras is imported: by
@@ -36,6 +37,15 @@ FRAMEWORK_FLAGS = {
     "jax": ("jaxlib", (0, 10), "XLA_FLAGS", ["--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"]),
 }
 
+# Defaults every backend's process gets unless the user set the variable: TensorFlow's C++
+# INFO lines ("XLA service ... initialized", "Compiled cluster using XLA!") would come
+# before the run's first line. Level 1 drops INFO and keeps warnings and errors. Every
+# backend needs it: Keras' .keras saving imports TensorFlow when it is installed.
+QUIET_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "1"}
+# The lines TensorFlow's import writes before its logging reads TF_CPP_MIN_LOG_LEVEL
+# (absl's "before absl::InitializeLog()" notice and "I0000 ... oneDNN custom operations are on").
+_EARLY_INFO_LINES = re.compile(r"^(I\d{4} [\d:.]+ +\d+ \S+:\d+\] |WARNING: All log messages before absl::InitializeLog\(\))")
+
 
 def backend_module(name: str | None = None) -> ModuleType:
     """The backend file for `name` (default: the backend Keras is running on)."""
@@ -49,10 +59,13 @@ def backend_module(name: str | None = None) -> ModuleType:
 
 
 def framework_environment(backend: str, environ=None) -> dict:
-    """`environ` (default os.environ) plus FRAMEWORK_FLAGS[backend], as a new dict: each
-    flag is appended to the variable's flags unless one of the same name is there (the
-    user's own setting wins). Unchanged when the framework is missing or older."""
+    """`environ` (default os.environ) plus QUIET_DEFAULTS and FRAMEWORK_FLAGS[backend], as a
+    new dict: a QUIET_DEFAULTS variable only where unset, each flag appended to the
+    variable's flags unless one of the same name is there (the user's own setting wins).
+    The flags are left out when the framework is missing or older."""
     env = dict(os.environ if environ is None else environ)
+    for variable, value in QUIET_DEFAULTS.items():
+        env.setdefault(variable, value)
     if backend not in FRAMEWORK_FLAGS:
         return env
     package, lowest, variable, flags = FRAMEWORK_FLAGS[backend]
@@ -66,6 +79,29 @@ def framework_environment(backend: str, environ=None) -> dict:
     names = {flag.split("=", 1)[0] for flag in present}
     env[variable] = " ".join(present + [flag for flag in flags if flag.split("=", 1)[0] not in names])
     return env
+
+
+def import_framework_quietly(backend: str) -> None:
+    """Import TensorFlow (for the tensorflow backend; nothing for the others) with the INFO
+    lines it writes to stderr before TF_CPP_MIN_LOG_LEVEL applies dropped, and every other
+    line (warnings, errors) passed on. For a process whose TF_CPP_MIN_LOG_LEVEL asks for
+    INFO (below 1), nothing is dropped."""
+    if backend != "tensorflow" or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not _EARLY_INFO_LINES.match(line)))
+            sys.stderr.flush()
 
 
 def framework_flags_in_effect(backend: str) -> dict:

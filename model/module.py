@@ -1,8 +1,7 @@
 """The module role: the CNN, what one step does, and its optimizer.
 
 `CNNModule` is a `keras.Model` that wraps `build_cnn()`. Its Lightning-style steps
-(`training_step`, `validation_step`, `test_step`, `predict_step`) share
-`_common_step(batch, stage)`, which returns the loss and logs `f"{stage}_loss"` and
+(`training_step`, `test_step`) share `_common_step(batch, stage)`, which returns the loss and logs `f"{stage}_loss"` and
 `f"{stage}_accuracy"`. Keras' `fit` drives it: with `step="keras"` Keras' built-in
 train step runs; with `step="native"` the backend's own step from `backends/` does.
 """
@@ -86,9 +85,6 @@ class CNNModule(keras.Model):
     def training_step(self, batch, probabilities=None):
         return self._common_step(batch, "train", probabilities)
 
-    def validation_step(self, batch):
-        return self._common_step(batch, "val")[2]
-
     def test_step(self, *args):
         """Keras calls this once per evaluation batch: (data) on TF/torch, (state, data)
         on JAX. The native step runs `_common_step(batch, "test")`."""
@@ -97,10 +93,6 @@ class CNNModule(keras.Model):
         from backends import native_test_step
 
         return native_test_step(self, *args)
-
-    def predict_step(self, *args):
-        # Keras' own: a forward pass with training=False, stateless on JAX.
-        return super().predict_step(*args)
 
     def train_step(self, *args):
         """Keras calls this once per batch: (data) on TF/torch, (state, data) on JAX."""

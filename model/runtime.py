@@ -16,9 +16,6 @@ from pathlib import Path
 
 from model.config import BACKENDS
 
-# The import that proves a backend's framework is installed, and the extra that installs it.
-FRAMEWORK_IMPORTS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
-
 
 class UsageError(Exception):
     """Bad input from the user; the message is one line and says what to do."""
@@ -50,14 +47,15 @@ def select_backend(requested: str | None = None) -> str:
 
         if keras.backend.backend() != backend:
             raise UsageError(f"keras is already running on {keras.backend.backend()!r}; start a new process for {backend!r}")
-    if importlib.util.find_spec(FRAMEWORK_IMPORTS[backend]) is None:
+    if importlib.util.find_spec(backend) is None:  # each backend's package bears its name
         raise UsageError(
             f"backend {backend!r} is not installed; install it with: pip install -c constraints.txt '.[{backend}]'"
         )
-    from backends import framework_environment
+    from backends import framework_environment, import_framework_quietly
 
     os.environ.update(framework_environment(backend))
     os.environ["KERAS_BACKEND"] = backend
+    import_framework_quietly(backend)
     return backend
 
 

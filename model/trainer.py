@@ -8,14 +8,17 @@ user's:
 - `StepTimer`: per-step and per-epoch wall times;
 - `AtomicCheckpoint`: `last.keras` (the module with its optimizer, for --resume) every
   epoch and `best.keras` (the bare network in stock Keras layers) by validation accuracy,
-  each written atomically, plus `trainer_state.json` (epoch, best, history).
+  each written atomically, with the trainer state (epoch, best, history, the run's
+  settings) stored inside last.keras;
+- `StopOnInterrupt`: the first Ctrl-C stops at the next step boundary, the second at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +26,24 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from model.checkpoint import CheckpointError, load_model, remove_stale_temp_files, save_model, write_json
+from model.checkpoint import TRAINER_STATE_FORMAT, CheckpointError, load_model, read_trainer_state, save_model
 from model.cnn import portable_network
 from model.data import MNISTDataModule
 
 LAST_CHECKPOINT = "last.keras"
 BEST_CHECKPOINT = "best.keras"
-TRAINER_STATE = "trainer_state.json"
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
+
+
+class TrainingInterrupted(Exception):
+    """The user pressed Ctrl-C; training stopped at a step boundary."""
+
+    def __init__(self, epoch: int, step: int, steps_per_epoch: int, checkpoint_note: str):
+        self.epoch, self.step, self.steps_per_epoch, self.checkpoint_note = epoch, step, steps_per_epoch, checkpoint_note
+        super().__init__(f"interrupted at epoch {epoch}, step {step} of {steps_per_epoch}; {checkpoint_note}")
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -47,10 +57,53 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         # Reading the loss is a host-device sync point; the progress bar makes it anyway.
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss} at epoch {self.epoch + 1}, step {batch + 1}; stopped. "
-                "Try a smaller --lr; the last good checkpoint is kept"
-            )
+            raise NonFiniteLossError(f"loss became {loss} at epoch {self.epoch + 1}, step {batch + 1}; stopped. "
+                                     "Try a smaller --lr")
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Ctrl-C stops training at the next step boundary, on every backend.
+
+    A SIGINT handler only records the request: Keras' JAX path swallows a KeyboardInterrupt
+    raised inside its log conversion (a bare `except`), and elsewhere one raised mid-step
+    gives a long traceback. The callback raises at the end of the step instead, before any
+    checkpoint of the partial epoch. A second Ctrl-C exits at once (os._exit), leaving the
+    last checkpoint, which is always whole (written atomically)."""
+
+    def __init__(self):
+        super().__init__()
+        self.requested = False
+        self.epoch = 0
+        self._previous = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os.write(2, b"\ntrain.py: second Ctrl-C: stopped at once; the last checkpoint written is kept\n")
+            os._exit(130)
+        self.requested = True
+        # On stdout, so that stderr keeps the one line that says where the run stopped.
+        os.write(1, b"\ntrain.py: Ctrl-C: stopping after this step; press it again to stop at once\n")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.requested:
+            raise _StopRequested(self.epoch + 1, batch + 1)
+
+
+class _StopRequested(Exception):
+    def __init__(self, epoch: int, step: int):
+        super().__init__(epoch, step)
+        self.epoch, self.step = epoch, step
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -83,27 +136,48 @@ class StepTimer(keras.callbacks.Callback):
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
-    def __init__(self, directory: Path, monitor: str = "val_accuracy", history: list | None = None, best=None):
+    """At each epoch end: `best.keras` when validation improved, then `last.keras` with the
+    trainer state inside it (one atomic unit). best.keras goes first: a kill between the
+    two leaves last.keras at the previous epoch, whose resume rewrites the same best.keras."""
+
+    def __init__(self, directory: Path, monitor: str = "val_accuracy", history: list | None = None, best=None,
+                 run: dict | None = None, steps_per_epoch: int = 0, saved_epoch: int = 0):
         super().__init__()
         self.directory = Path(directory)
         self.monitor = monitor
         self.history = list(history or [])
         self.best = best
+        self.run = dict(run or {})
+        self.steps_per_epoch = steps_per_epoch
+        self.saved_epoch = saved_epoch  # the epoch last.keras holds; 0: none
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {key: float(value) for key, value in (logs or {}).items()}
-        self.history.append({"epoch": epoch + 1, **logs})
-        save_model(self.model, self.directory / LAST_CHECKPOINT)
+        history = self.history + [{"epoch": epoch + 1, **logs}]
         current = logs.get(self.monitor)
-        if current is not None and (self.best is None or current > self.best):
-            self.best = current
+        best = self.best
+        if current is not None and (best is None or current > best):
+            best = current
             # The user-facing best model: the bare network in stock Keras layers.
-            save_model(portable_network(self.model.network), self.directory / BEST_CHECKPOINT)
-        # Written last: it describes last.keras, which is already in place.
-        write_json(
-            self.directory / TRAINER_STATE,
-            {"epochs_completed": epoch + 1, "monitor": self.monitor, "best": self.best, "history": self.history},
-        )
+            self._save(portable_network(self.model.network), BEST_CHECKPOINT)
+        state = {"format": TRAINER_STATE_FORMAT, "epochs_completed": epoch + 1, "steps_per_epoch": self.steps_per_epoch,
+                 "monitor": self.monitor, "best": best, "history": history, "run": self.run}
+        self._save(self.model, LAST_CHECKPOINT, state)
+        self.history, self.best, self.saved_epoch = history, best, epoch + 1
+
+    def _save(self, model, name: str, trainer_state: dict | None = None) -> None:
+        path = self.directory / name
+        try:
+            save_model(model, path, trainer_state)
+        except OSError as error:
+            kept = f"the previous {name} is kept" if path.exists() else f"no {name} was written"
+            raise CheckpointError(f"could not write {path} ({error.strerror or error}); {kept}") from None
+
+    def note(self) -> str:
+        """What a user who stops now can resume from."""
+        if self.saved_epoch:
+            return f"the last good checkpoint (epoch {self.saved_epoch}) is kept in {self.directory / LAST_CHECKPOINT}"
+        return "no checkpoint was written yet"
 
 
 class ValidateUnsharded(keras.callbacks.Callback):
@@ -134,6 +208,8 @@ class Trainer:
     jit_compile: bool | str = "auto"
     checkpoint_dir: str | Path | None = None
     verbose: int | str = "auto"
+    # Stored in last.keras's trainer state: what defines the run (for --resume to check).
+    run_settings: dict = field(default_factory=dict)
     # A data-parallel engine (model/devices.py start_engine); None: one device.
     engine: object = None
 
@@ -147,7 +223,9 @@ class Trainer:
 
     def fit(self, module, datamodule: MNISTDataModule, resume: bool = False):
         """Train `module` on `datamodule`; returns the module that was trained (the one
-        loaded from the last checkpoint when resuming)."""
+        loaded from the last checkpoint when resuming). Raises TrainingInterrupted after
+        a Ctrl-C, NonFiniteLossError after a NaN/inf loss, CheckpointError when a
+        checkpoint cannot be read or written."""
         from backends import backend_module
 
         backend = backend_module()
@@ -159,15 +237,14 @@ class Trainer:
         if self.limit_train_batches:
             datamodule.limit_train_batches = self.limit_train_batches
         initial_epoch, history, best = 0, [], None
-        if self.checkpoint_dir is not None and Path(self.checkpoint_dir).is_dir() and self.is_main:
-            remove_stale_temp_files(self.checkpoint_dir)
         with self._engine_scope():  # TensorFlow: variables made here are mirrored
             if resume:
                 module, initial_epoch, history, best = self._restore(datamodule)
             if not module.compiled:
                 module.configure(jit_compile=self.jit_compile)
         backend.fuse_optimizer(module.optimizer)
-        callbacks = [StopOnNonFiniteLoss(), self.timer]
+        interrupt = StopOnInterrupt()
+        callbacks = [StopOnNonFiniteLoss(), interrupt, self.timer]
         validation = (datamodule.x_val, datamodule.y_val) if len(datamodule.x_val) else None
         data = backend.training_data(datamodule, initial_epoch, self.max_epochs)
         if self.engine is not None:
@@ -178,21 +255,38 @@ class Trainer:
                 validation = None
         checkpoint = None
         if self.checkpoint_dir is not None and self.is_main:  # written once, by rank 0
-            checkpoint = AtomicCheckpoint(self.checkpoint_dir, history=history, best=best)
+            run = {**self.run_settings, "planned_epochs": self.max_epochs}
+            checkpoint = AtomicCheckpoint(self.checkpoint_dir, history=history, best=best, run=run,
+                                          steps_per_epoch=datamodule.steps_per_epoch, saved_epoch=initial_epoch)
             callbacks.append(checkpoint)
         callbacks.extend(self.callbacks)
+        self.initial_epoch = initial_epoch
         if initial_epoch < self.max_epochs:
-            module.fit(
-                data,
-                steps_per_epoch=datamodule.steps_per_epoch,
-                shuffle=False,  # the data module already shuffled, by seed and epoch
-                epochs=self.max_epochs,
-                initial_epoch=initial_epoch,
-                validation_data=validation,
-                batch_size=None,
-                callbacks=callbacks,
-                verbose=self.verbose if self.is_main else 0,
-            )
+            interrupt.install()
+            try:
+                module.fit(
+                    data,
+                    steps_per_epoch=datamodule.steps_per_epoch,
+                    shuffle=False,  # the data module already shuffled, by seed and epoch
+                    epochs=self.max_epochs,
+                    initial_epoch=initial_epoch,
+                    validation_data=validation,
+                    batch_size=None,
+                    callbacks=callbacks,
+                    verbose=self.verbose if self.is_main else 0,
+                )
+            except _StopRequested as stop:
+                note = checkpoint.note() if checkpoint else "no checkpoint directory was given"
+                raise TrainingInterrupted(stop.epoch, stop.step, datamodule.steps_per_epoch, note) from None
+            except NonFiniteLossError as error:
+                note = checkpoint.note() if checkpoint else "no checkpoint directory was given"
+                raise NonFiniteLossError(f"{error}; {note}") from None
+            finally:
+                interrupt.uninstall()
+        elif resume and getattr(module.optimizer, "use_ema", False):
+            # Trained to the end, killed before its outputs were written: put the weight
+            # average in place, as fit() does when it ends.
+            module.optimizer.finalize_variable_values(module.trainable_weights)
         self.history = checkpoint.history if checkpoint else history + self._history_from(module)
         return module
 
@@ -205,28 +299,37 @@ class Trainer:
         return self.engine.scope() if self.engine is not None else contextlib.nullcontext()
 
     def _restore(self, datamodule: MNISTDataModule):
+        """(module, epochs completed, history, best) from last.keras and the trainer state
+        stored inside it; every disagreement is a one-line CheckpointError."""
         if self.checkpoint_dir is None:
             raise CheckpointError("resume needs a checkpoint directory")
-        directory = Path(self.checkpoint_dir)
-        last = directory / LAST_CHECKPOINT
-        if not last.exists():
-            raise CheckpointError(f"nothing to resume: no checkpoint at {last}; run without --resume to start afresh")
+        last = Path(self.checkpoint_dir) / LAST_CHECKPOINT
+        state = read_trainer_state(last)
         module = load_model(last)
-        state = {}
-        if (directory / TRAINER_STATE).is_file():
-            state = json.loads((directory / TRAINER_STATE).read_text())
-        steps_done = int(module.optimizer.iterations.numpy() if hasattr(module.optimizer.iterations, "numpy")
-                         else keras.ops.convert_to_numpy(module.optimizer.iterations))
-        steps_per_epoch = datamodule.steps_per_epoch
-        if steps_done % steps_per_epoch:
+        from model.module import CNNModule
+
+        if not isinstance(module, CNNModule) or getattr(module, "optimizer", None) is None:
+            raise CheckpointError(f"{last} is a model without its optimizer state, not a resume checkpoint; "
+                                  "start a new run")
+        planned = state["run"].get("planned_epochs")
+        if planned != self.max_epochs:
+            raise CheckpointError(f"{last} belongs to a run planned for {planned} epochs, not {self.max_epochs}; "
+                                  "resume it with the epochs it was planned for")
+        steps_done = int(keras.ops.convert_to_numpy(module.optimizer.iterations))
+        epoch = state["epochs_completed"]
+        if state.get("steps_per_epoch") != datamodule.steps_per_epoch or steps_done != epoch * datamodule.steps_per_epoch:
             raise CheckpointError(
-                f"{last} holds {steps_done} optimizer steps, not a whole number of {steps_per_epoch}-step epochs; "
-                "resume with the batch size and --limit-train-batches it was trained with"
-            )
-        epoch = steps_done // steps_per_epoch
-        history = [h for h in state.get("history", []) if h["epoch"] <= epoch]
-        best = state.get("best") if state.get("epochs_completed") == epoch else None
-        return module, epoch, history, best
+                f"{last} holds {steps_done} optimizer steps for {epoch} epochs of {state.get('steps_per_epoch')} steps, "
+                f"but this run has {datamodule.steps_per_epoch} steps per epoch; resume with the batch size and "
+                "--limit-train-batches it was trained with")
+        history = state["history"]
+        if [entry.get("epoch") if isinstance(entry, dict) else None for entry in history] != list(range(1, epoch + 1)):
+            raise CheckpointError(f"the trainer state in {last} has a history that does not cover epochs 1..{epoch}; "
+                                  "it cannot be resumed")
+        # jit_compile is how this backend runs the steps, not part of the maths: the
+        # resuming backend's own choice applies, not the one saved by whichever trained.
+        module.jit_compile = self.jit_compile
+        return module, epoch, history, state.get("best")
 
     @staticmethod
     def _history_from(module) -> list[dict]:

@@ -21,6 +21,28 @@ def mnist_arrays():
     return arrays
 
 
+# ----------------------------------------------------------------------------- backends a test applies to
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "only_backends(*names, reason=...): the test checks something only these backends have; "
+                   "its other [backend] cases are skipped with the reason")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one place a backend-parametrized test is skipped where it does not apply: a
+    case that cannot fail is reported as skipped, with why, not as passed."""
+    for item in items:
+        marker = item.get_closest_marker("only_backends")
+        backend = getattr(getattr(item, "callspec", None), "params", {}).get("backend")
+        if marker is None or backend is None or backend in marker.args:
+            continue
+        if "reason" not in marker.kwargs:
+            raise pytest.UsageError(f"{item.nodeid}: only_backends needs a reason")
+        item.add_marker(pytest.mark.skip(reason=f"not on {backend}: {marker.kwargs['reason']}"))
+
+
 # Checks that run once per backend in one subprocess (see tests/backend_checks.py).
 BACKEND_CHECKS = ["architecture", "short_training", "training_data", "equivalence", "checkpoint_safety", "framework_baseline", "fast_pooling", "moving_average", "compiled_convolution"]
 

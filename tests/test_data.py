@@ -129,6 +129,34 @@ def test_explicit_path_comes_first_and_is_not_cached(mnist_arrays, idx_folder, t
     assert not cache_dir.exists()
 
 
+@pytest.mark.parametrize("via", ["argument", "env"])
+def test_failing_explicit_path_is_an_error_not_a_fallback(mnist_arrays, tmp_path, monkeypatch, via):
+    cache_dir = tmp_path / "cache"
+    write_cache(mnist_arrays, cache_dir)  # a valid cache, which must not be used instead
+    missing = tmp_path / "no-such-mnist.npz"
+    if via == "env":
+        monkeypatch.setenv(PATH_ENV, str(missing))
+    messages = []
+    with pytest.raises(MnistDataError) as error:
+        load_mnist(path=missing if via == "argument" else None, cache_dir=cache_dir, log=messages.append)
+    message = str(error.value)
+    assert message.startswith(f"cannot use MNIST at {missing}") and "does not exist" in message
+    assert ("$MNIST_PATH" in message) == (via == "env")
+    assert "\n" not in message and messages == []
+
+
+def test_random_bytes_npz_is_not_a_pickle(tmp_path):
+    path = tmp_path / "mnist.npz"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(MnistDataError, match=r"is not an \.npz file") as error:
+        load_from_path(path)
+    assert "pickle" not in str(error.value)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(path)
+    with pytest.raises(MnistDataError, match=r"is a single \.npy array"):
+        load_from_path(path)
+
+
 def test_missing_path_is_named(tmp_path):
     missing = tmp_path / "no-such-mnist.npz"
     with pytest.raises(MnistDataError, match="does not exist") as error:
@@ -146,7 +174,7 @@ def test_npz_lacking_arrays_is_refused(mnist_arrays, tmp_path):
 def test_file_that_is_not_an_npz_is_refused(tmp_path):
     path = tmp_path / "mnist.npz"
     path.write_bytes(b"this is not a zip archive")
-    with pytest.raises(MnistDataError, match="is not a readable .npz"):
+    with pytest.raises(MnistDataError, match=r"is not an \.npz file"):
         load_from_path(path)
 
 
@@ -449,6 +477,120 @@ def test_warp_with_index_and_any_chunk_size_gives_the_same_images(full_frame_ima
         np.testing.assert_array_equal(warp_images(images, angles, scales, shifts, index=index, chunk=chunk), whole)
 
 
+# Known answers for the warp. Odd-sized frames have a centre pixel, so a rotation or a
+# zoom about it moves whole pixels to whole pixels and the answers are exact.
+
+
+def as_warp_input(images: np.ndarray) -> np.ndarray:
+    return (np.asarray(images, dtype=np.float32) / 255.0)[..., None]
+
+
+def warp_one(image: np.ndarray, angle: float = 0.0, scale: float = 1.0, shift=(0.0, 0.0)) -> np.ndarray:
+    return warp_images(image[None], np.array([angle]), np.array([scale]), np.array([shift], dtype=float))[0]
+
+
+@pytest.mark.parametrize("size", [9, 28])
+def test_warp_by_a_quarter_turn_is_rot90(full_frame_images, size):
+    # A positive angle turns the image counter-clockwise as displayed, like np.rot90.
+    image = as_warp_input(full_frame_images[:1, :size, :size])[0]
+    np.testing.assert_allclose(warp_one(image, np.pi / 2), np.rot90(image), atol=1e-5)
+    np.testing.assert_allclose(warp_one(image, -np.pi / 2), np.rot90(image, -1), atol=1e-5)
+    np.testing.assert_allclose(warp_one(image, np.pi), np.rot90(image, 2), atol=1e-5)
+
+
+def test_warp_with_angle_zero_scale_one_is_the_identity(full_frame_images):
+    images = as_warp_input(full_frame_images)
+    np.testing.assert_array_equal(warp_images(images, np.zeros(4), np.ones(4), np.zeros((4, 2))), images)
+
+
+def test_rotation_and_zoom_keep_the_centre_pixel(full_frame_images):
+    image = as_warp_input(full_frame_images[:1, :9, :9])[0]
+    for degrees, scale in ((10, 1.0), (-37, 1.0), (135, 1.0), (0, 1.1), (25, 0.9)):
+        warped = warp_one(image, np.deg2rad(degrees), scale)
+        assert warped[4, 4, 0] == pytest.approx(image[4, 4, 0], abs=1e-6), (degrees, scale)
+        assert not np.allclose(warped, image), (degrees, scale)  # everything else moved
+
+
+def test_zoom_above_one_enlarges_about_the_centre():
+    image = np.zeros((9, 9, 1), np.float32)
+    image[4, 6] = 1.0  # 2 px right of the centre
+    # Scale 2: the output pixel 4 px right of the centre samples the source 2 px right.
+    enlarged = warp_one(image, scale=2.0)
+    assert enlarged[4, 8, 0] == 1.0 and enlarged[4, 6, 0] == 0.0
+    # Scale 0.5: the pixel moves to 1 px right of the centre.
+    shrunk = warp_one(image, scale=0.5)
+    assert shrunk[4, 5, 0] == 1.0 and shrunk[4, 6, 0] == 0.0
+
+
+def test_warp_shift_is_a_roll_inside_the_frame(full_frame_images):
+    image = as_warp_input(full_frame_images[:1])[0]
+    # (dy, dx) = (3, -2): three rows down, two columns left; the rows/columns that come
+    # in from outside are background, the rest is np.roll's.
+    warped = warp_one(image, shift=(3.0, -2.0))
+    rolled = np.roll(image, (3, -2), axis=(0, 1))
+    np.testing.assert_array_equal(warped[3:, :-2], rolled[3:, :-2])
+    assert not warped[:3].any() and not warped[:, -2:].any()
+    # Half a pixel right: each pixel is the mean of itself and its left neighbour.
+    half = warp_one(image, shift=(0.0, 0.5))
+    np.testing.assert_allclose(half[:, 1:], (image[:, 1:] + image[:, :-1]) / 2, atol=1e-6)
+
+
+def test_warp_of_a_batch_is_the_warp_of_each_image(full_frame_images):
+    images = as_warp_input(full_frame_images)
+    rng = np.random.default_rng(1)
+    angles, scales, shifts = rng.uniform(-0.5, 0.5, 4), rng.uniform(0.8, 1.2, 4), rng.uniform(-3, 3, (4, 2))
+    batch = warp_images(images, angles, scales, shifts)
+    for i in range(4):
+        np.testing.assert_array_equal(batch[i], warp_one(images[i], angles[i], scales[i], shifts[i]))
+
+
+def blob_data_module(**augmentation) -> MNISTDataModule:
+    """A data module whose 2,000 training images are one bright pixel 8 px right of the
+    frame's centre (27x27, so the centre is a pixel), to read the augmentation back."""
+    module = MNISTDataModule(**{"seed": 5, "batch_size": 2000, **augmentation})
+    module.x_train = np.zeros((2000, 27, 27, 1), np.float32)
+    module.x_train[:, 13, 21] = 1.0
+    module.y_train = np.zeros(2000, np.int32)
+    return module
+
+
+def blob_polar(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distance from the centre, angle in degrees counter-clockwise) of each image's mass."""
+    y, x = np.indices(images.shape[1:3])
+    mass = images[..., 0]
+    total = mass.sum(axis=(1, 2))
+    cy, cx = (mass * y).sum(axis=(1, 2)) / total, (mass * x).sum(axis=(1, 2)) / total
+    return np.hypot(cy - 13, cx - 13), np.degrees(np.arctan2(13 - cy, cx - 13))
+
+
+def test_data_module_rotates_by_at_most_rotation_degrees():
+    images, _ = blob_data_module(rotation_degrees=10.0, zoom=0.0, shift_pixels=0.0).train_epoch(0)
+    distance, angle = blob_polar(images)
+    np.testing.assert_allclose(distance, 8, atol=0.15)
+    # Degrees, not radians: within +-10 (bilinear sampling moves the centroid a little),
+    # spread over the whole range.
+    assert np.abs(angle).max() <= 10.5
+    assert angle.min() < -8 and angle.max() > 8
+
+
+def test_data_module_zooms_within_one_plus_minus_zoom():
+    images, _ = blob_data_module(rotation_degrees=0.0, zoom=0.1, shift_pixels=0.0).train_epoch(0)
+    distance, angle = blob_polar(images)
+    assert np.abs(angle).max() < 0.5
+    assert distance.min() >= 8 * 0.9 - 0.15 and distance.max() <= 8 * 1.1 + 0.15
+    assert distance.min() < 8 * 0.93 and distance.max() > 8 * 1.07
+
+
+def test_data_module_defaults_are_the_recipes():
+    from model.config import TrainConfig
+
+    recipe, module = TrainConfig(), MNISTDataModule()
+    for name in ("batch_size", "validation_size", "seed", "shift_pixels", "rotation_degrees", "zoom",
+                 "limit_train_batches"):
+        assert getattr(module, name) == getattr(recipe, name), name
+    assert module.rotation_degrees > 0 and module.zoom > 0  # the recipe augments: the tests above must apply
+
+
 # ----------------------------------------------------------------------------- data module
 
 
@@ -495,7 +637,8 @@ def test_epochs_and_seeds_differ(mnist_arrays):
 
 
 def test_train_epoch_is_the_shuffled_training_set(mnist_arrays):
-    module = MNISTDataModule(seed=1, batch_size=32, shift_pixels=0, limit_train_batches=3).setup(mnist_arrays)
+    module = MNISTDataModule(seed=1, batch_size=32, shift_pixels=0, rotation_degrees=0, zoom=0,
+                            limit_train_batches=3).setup(mnist_arrays)
     images, labels = module.train_epoch(2)
     order = module.epoch_order(2)[: 3 * 32]
     np.testing.assert_array_equal(images, module.x_train[order])

@@ -1,0 +1,118 @@
+"""The trainer's pieces that no full run pins down: StepTimer's median, which epoch
+best.keras holds, the "keras already imported" error, and --no-augment.
+
+They do not depend on the backend, so they run once, on torch (the quickest to start):
+one Python process for the trainer's pieces and one train.py dry run, started together."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import StartedPython, require_backend
+
+PIECES = r'''
+import json, sys
+from pathlib import Path
+
+from model.runtime import UsageError, select_backend
+
+select_backend("torch")
+import keras
+import numpy as np
+
+from model.checkpoint import load_model
+from model.module import CNNModule
+from model.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINER_STATE, AtomicCheckpoint, StepTimer
+
+out = {}
+
+# StepTimer through Keras' callback hooks: two epochs of 7 and 3 steps.
+timer = StepTimer()
+for steps in (7, 3):
+    timer.on_epoch_begin(0)
+    for step in range(steps):
+        timer.on_train_batch_end(step)
+    timer.on_epoch_end(0)
+out["steps_recorded"] = [len(epoch) for epoch in timer.step_seconds]
+out["epochs_recorded"] = len(timer.epoch_seconds)
+# Known step times: the first 5 steps of the first epoch (tracing) are left out.
+timer.step_seconds = [[9.0] * 5 + [0.010, 0.030, 0.020], [0.040, 0.050]]
+out["median_ms"] = timer.step_ms_median()
+timer.step_seconds = [[9.0] * 5]
+out["median_ms_warmup_only"] = timer.step_ms_median()
+
+# best.keras: the network of the epoch with the highest val_accuracy. Each epoch's
+# network gets a marker in its output bias, read back from the saved files.
+folder = Path(sys.argv[1])
+module = CNNModule()
+module.configure()
+checkpoint = AtomicCheckpoint(folder)
+checkpoint.set_model(module)
+bias = module.network.get_layer("probabilities").bias
+markers = []
+for epoch, accuracy in enumerate([0.50, 0.90, 0.70, 0.90, 0.85]):
+    bias.assign(np.full(10, epoch + 1.0, "float32"))
+    checkpoint.on_epoch_end(epoch, {"loss": 1.0, "val_accuracy": accuracy})
+    best = load_model(folder / BEST_CHECKPOINT)
+    markers.append(float(keras.ops.convert_to_numpy(best.get_layer("probabilities").bias)[0]))
+out["best_markers"] = markers
+out["last_marker"] = float(keras.ops.convert_to_numpy(
+    load_model(folder / LAST_CHECKPOINT).network.get_layer("probabilities").bias)[0])
+out["state"] = json.loads((folder / TRAINER_STATE).read_text())
+
+# A process holds one backend: asking for another once keras runs is a one-line error.
+try:
+    select_backend("jax")
+    out["switch_error"] = None
+except UsageError as error:
+    out["switch_error"] = str(error)
+out["same_backend_again"] = select_backend("torch")
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """(trainer pieces' JSON, the --no-augment dry run's process and output dir)."""
+    require_backend("torch")
+    root = tmp_path_factory.mktemp("trainer")
+    pieces = StartedPython(["-c", PIECES, root / "checkpoints"], None, root / "logs-pieces")
+    dry_run = StartedPython(["train.py", "--backend", "torch", "--dry-run", "--no-augment", "--output-dir",
+                             root / "no-augment"], None, root / "logs-no-augment")
+    result = pieces.wait(300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), (dry_run.wait(300), root / "no-augment")
+
+
+def test_step_timer_records_each_step_and_medians_past_warm_up(trainer_runs):
+    pieces, _ = trainer_runs
+    assert pieces["steps_recorded"] == [7, 3] and pieces["epochs_recorded"] == 2
+    # Median of 10, 30, 20, 40, 50 ms: the five 9-second warm-up steps are not in it.
+    assert pieces["median_ms"] == pytest.approx(30.0)
+    assert pieces["median_ms_warmup_only"] is None
+
+
+def test_best_keras_holds_the_epoch_with_the_best_validation_accuracy(trainer_runs):
+    pieces, _ = trainer_runs
+    # val_accuracy 0.50, 0.90, 0.70, 0.90, 0.85: epoch 2 becomes best and a tie (epoch 4)
+    # does not replace it; last.keras always holds the latest epoch.
+    assert pieces["best_markers"] == [1.0, 2.0, 2.0, 2.0, 2.0]
+    assert pieces["last_marker"] == 5.0
+    assert pieces["state"]["best"] == 0.90 and pieces["state"]["epochs_completed"] == 5
+    assert [h["epoch"] for h in pieces["state"]["history"]] == [1, 2, 3, 4, 5]
+
+
+def test_selecting_another_backend_once_keras_runs_is_an_error(trainer_runs):
+    pieces, _ = trainer_runs
+    assert pieces["switch_error"] == "keras is already running on 'torch'; start a new process for 'jax'"
+    assert pieces["same_backend_again"] == "torch"
+
+
+def test_no_augment_trains_on_the_plain_images(trainer_runs):
+    _, (result, output) = trainer_runs
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((output / "run.json").read_text())["config"]
+    assert (config["shift_pixels"], config["rotation_degrees"], config["zoom"]) == (0.0, 0.0, 0.0)
+    assert config["epochs"] == 1 and config["limit_train_batches"] == 5
