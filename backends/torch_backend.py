@@ -282,7 +282,8 @@ def launch(function, args, config) -> int:
         return error.exit_code
     except torch.multiprocessing.ProcessRaisedException as error:
         last = str(error).strip().splitlines()[-1]
-        print(f"train.py: error: worker {error.error_index} failed: {last}", file=sys.stderr)
+        print(f"train.py: error: worker {error.error_index} failed: {last} (when a collective failed: another "
+              "worker, here or on another machine, stopped or cannot be reached)", file=sys.stderr)
         return 1
     return 0
 

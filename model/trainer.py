@@ -287,7 +287,10 @@ class Trainer:
             # Trained to the end, killed before its outputs were written: put the weight
             # average in place, as fit() does when it ends.
             module.optimizer.finalize_variable_values(module.trainable_weights)
-        self.history = checkpoint.history if checkpoint else history + self._history_from(module)
+        # Without a checkpoint callback (data-parallel ranks other than 0): the restored
+        # history and what fit recorded, if it ran.
+        trained = self._history_from(module) if initial_epoch < self.max_epochs else []
+        self.history = checkpoint.history if checkpoint else history + trained
         return module
 
     @property

@@ -10,6 +10,7 @@ It writes to `config.output_dir`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -145,7 +146,10 @@ def train_and_evaluate(config: TrainConfig, log=print, given: set | None = None,
         given = set(given) | {"epochs", "limit_train_batches"}
     from model.rundir import RunDirectory
 
-    with RunDirectory.open(config.output_dir, resume=config.resume, overwrite=config.overwrite) as directory:
+    # Several machines: the output dir is node 0's; the others train and write nothing.
+    owner = config.node_rank == 0
+    with (RunDirectory.open(config.output_dir, resume=config.resume, overwrite=config.overwrite) if owner
+          else _NotOwned(config.output_dir)) as directory:
         resumed_from = None
         if config.resume:
             from model.checkpoint import read_trainer_state
@@ -237,3 +241,12 @@ def train_in_directory(config: TrainConfig, output_dir: Path, log, resumed_from:
 
 def _silent(*args, **kwargs) -> None:
     pass
+
+
+class _NotOwned(contextlib.nullcontext):
+    """The output dir of a machine with --node-rank > 0: neither created nor locked."""
+
+    def __init__(self, output_dir):
+        path = Path(output_dir)
+        super().__init__(self)
+        self.path, self.checkpoints = path, path / "checkpoints"

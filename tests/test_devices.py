@@ -67,9 +67,10 @@ def audit_by_process(workdir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def two_device_runs(request, tmp_path_factory):
-    """backend -> {"run": the 2-device dry run, "resumed": {devices: run}}: the dry run
-    with --devices 2, then from copies of its output `--resume --epochs 2` once with 2
-    devices and once with 1 (the checkpoint saved under 2 devices, loaded on 1)."""
+    """backend -> {"run": the 2-device dry run, "resumed": {devices: (run, output)}}: the
+    dry run with --devices 2, then `--resume` of copies of its output with model.keras
+    and run.json removed (a run killed after its last checkpoint), once with 2 devices
+    and once with 1: last.keras saved under 2 devices loads and finishes the run on both."""
     from tests.conftest import PerBackend
 
     def start(backend):
@@ -88,8 +89,9 @@ def two_device_runs(request, tmp_path_factory):
         for devices in (2, 1):
             output = workdir / f"resumed-on-{devices}"
             shutil.copytree(workdir / "run", output)
-            command = ["train.py", "--resume", "--epochs", "2", "--limit-train-batches", "5", "--devices", str(devices),
-                       "--output-dir", output]
+            for name in ("model.keras", "run.json", "curves.png"):
+                (output / name).unlink()
+            command = ["train.py", "--resume", "--devices", str(devices), "--output-dir", output]
             resumed[devices] = (StartedPython(command, backend, workdir / f"logs-resumed-on-{devices}"), output)
         result["resumed"] = {devices: (process.wait(600), output) for devices, (process, output) in resumed.items()}
         return result
@@ -143,30 +145,36 @@ def test_only_rank_zero_writes_files_and_checkpoints(backend, two_device_runs):
     assert two["run"].returncode == 0, two["run"].stderr[-3000:]
     audit = two["audit"]
     trainers = [pid for pid, entries in audit.items() if entries["data"]]
-    # train.py's check that the output dir is writable (a probe file made and removed
-    # before any worker starts, in the launching process) is not one of the run's files.
-    writes = {pid: [path for path in entries["write"] if ".write-probe-" not in path] for pid, entries in audit.items()}
+    # The launching process checks and locks the output dir before any worker starts (a
+    # probe file made and removed, and .train.lock): neither is one of the run's files.
+    launcher_files = (".write-probe-", ".train.lock")
+    writes = {pid: [path for path in entries["write"] if not any(name in path for name in launcher_files)]
+              for pid, entries in audit.items()}
     writers = {pid: paths for pid, paths in writes.items() if paths}
     # torch: two worker processes read the data; JAX and TensorFlow: one process.
     assert len(trainers) == (2 if backend == "torch" else 1), audit
     assert len(writers) == 1, writers
     (written,) = writers.values()
     names = {Path(path).name for path in written}
-    assert {"run.json", "model.keras", "curves.png", "last.keras", "best.keras", "trainer_state.json"} <= names
+    assert {"run.json", "model.keras", "curves.png", "last.keras", "best.keras"} <= names
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_device_checkpoint_resumes_on_two_devices_and_on_one(backend, two_device_runs):
-    resumed = two_device_runs(backend)["resumed"]
-    assert resumed, "the 2-device run failed"
-    for devices, (run, output) in resumed.items():
+    two = two_device_runs(backend)
+    assert two["resumed"], "the 2-device run failed"
+    original = json.loads((two["output"] / "run.json").read_text())
+    for devices, (run, output) in two["resumed"].items():
         assert run.returncode == 0, (devices, run.stderr[-3000:])
-        state = json.loads((output / "checkpoints" / "trainer_state.json").read_text())
-        assert [h["epoch"] for h in state["history"]] == [1, 2], devices
-        assert json.loads((output / "run.json").read_text())["devices"] == devices
-    difference = largest_difference(resumed[2][1] / "checkpoints" / "last.keras", resumed[1][1] / "checkpoints" / "last.keras")
-    print(f"{backend}: epoch 2 resumed from a 2-device checkpoint, 2 vs 1 devices: max abs difference {difference:.3g}")
-    assert difference <= 1e-4
+        resumed = json.loads((output / "run.json").read_text())
+        assert (resumed["devices"], resumed["resumed_from_epoch"]) == (devices, 1)
+        assert resumed["test_loss"] == pytest.approx(original["test_loss"], rel=1e-5), devices
+        # model.keras: the weight average put in place from the checkpoint's optimizer state.
+        difference = max(float(np.abs(a - b).max()) for a, b in zip(
+            keras_file_arrays(output / "model.keras").values(), keras_file_arrays(two["output"] / "model.keras").values()))
+        print(f"{backend}: model.keras resumed on {devices} device(s) from a 2-device checkpoint: "
+              f"max abs difference {difference:.3g}")
+        assert difference <= 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -206,7 +214,7 @@ def test_a_torch_worker_that_dies_stops_the_others_with_a_clear_message(tmp_path
         started = time.monotonic()
         while time.monotonic() - started < 300 and process.poll() is None:
             workers = [pid for pid, entries in audit_by_process(tmp_path).items() if entries["data"]]
-            if len(workers) == 2 and (output / "checkpoints" / "trainer_state.json").exists():
+            if len(workers) == 2 and (output / "checkpoints" / "last.keras").exists():
                 break
             time.sleep(0.2)
         assert process.poll() is None and len(workers) == 2, process.stderr.read()[-3000:] if process.poll() else workers
@@ -225,3 +233,29 @@ def test_a_torch_worker_that_dies_stops_the_others_with_a_clear_message(tmp_path
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # no worker outlives the launcher
+
+
+def test_torch_on_two_nodes_of_one_device_equals_two_devices(two_device_runs, tmp_path):
+    """--num-nodes 2 on localhost: two train.py commands, one per "machine", joined through
+    --coordinator; the same 2 replicas as --devices 2, so the same weights."""
+    require_backend("torch")
+    from backends.torch_backend import free_port
+
+    two = two_device_runs("torch")
+    assert two["run"].returncode == 0, two["run"].stderr[-3000:]
+    coordinator = f"127.0.0.1:{free_port()}"
+    nodes = [StartedPython(["train.py", "--dry-run", "--num-nodes", "2", "--node-rank", str(rank), "--coordinator",
+                            coordinator, "--collective-timeout", "120", "--output-dir", tmp_path / f"node{rank}"],
+                           "torch", tmp_path / f"logs{rank}") for rank in (0, 1)]
+    results = [node.wait(600) for node in nodes]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "node0" / "run.json").read_text())
+    assert (run["devices"], run["num_nodes"], run["replicas"], run["weight_copies"]) == (1, 2, 2, 2)
+    assert run["replica_max_weight_difference"] == 0.0
+    # Only rank 0 (node 0) writes: node 1's output dir gets nothing.
+    assert not (tmp_path / "node1").exists() or not any((tmp_path / "node1").iterdir())
+    difference = largest_difference(tmp_path / "node0" / "checkpoints" / "last.keras",
+                                    two["output"] / "checkpoints" / "last.keras")
+    print(f"torch: 2 nodes x 1 device vs 1 node x 2 devices: max abs difference {difference:.3g}")
+    assert difference <= 1e-6

@@ -32,7 +32,7 @@ if _WATCHED and _LOG_DIR:
                 kind = "write"
             if kind == "write" and os.path.abspath(path).startswith(_WATCHED):
                 os.write(_descriptor, f"write {path}\n".encode())
-            elif kind == "read" and "mnist" in os.path.basename(path):
+            elif kind == "read" and os.path.basename(path).startswith("mnist") and not path.endswith((".py", ".pyc")):
                 os.write(_descriptor, f"data {path}\n".encode())
         finally:
             _busy.pop()
