@@ -259,3 +259,17 @@ def test_torch_on_two_nodes_of_one_device_equals_two_devices(two_device_runs, tm
                                     two["output"] / "checkpoints" / "last.keras")
     print(f"torch: 2 nodes x 1 device vs 1 node x 2 devices: max abs difference {difference:.3g}")
     assert difference <= 1e-6
+
+
+def test_data_parallel_drops_only_the_last_partial_batch_and_keeps_the_order(mnist_arrays):
+    from model.data import MNISTDataModule
+
+    settings = dict(batch_size=128, seed=3, validation_size=5000)
+    whole = MNISTDataModule(**settings).setup(mnist_arrays)
+    dropped = MNISTDataModule(**settings, drop_last=True).setup(mnist_arrays)
+    assert len(whole.x_train) % 128 and dropped.steps_per_epoch == whole.steps_per_epoch - 1 == 55000 // 128
+    kept, all_batches = list(dropped.train_batches(1)), list(whole.train_batches(1))
+    assert [len(labels) for _, labels in kept] == [128] * dropped.steps_per_epoch
+    assert len(all_batches[-1][1]) == 55000 % 128
+    for (images, labels), (want_images, want_labels) in zip(kept, all_batches):
+        assert np.array_equal(labels, want_labels) and np.array_equal(images, want_images)
