@@ -159,7 +159,9 @@ class DataParallel:
     def __init__(self, accelerator: str, devices: int, num_nodes: int = 1, node_rank: int = 0,
                  coordinator: str | None = None, timeout_s: float = 300.0):
         if num_nodes > 1:
-            # Every process must join before the first collective: the coordinator (node
+            # Not reachable from train.py yet (model/devices.py refuses it): on 2 local
+            # processes the steps ran, but saving from rank 0 alone hangs in Keras'
+            # gather of weights that span processes. Every process must join before the first collective: the coordinator (node
             # rank 0) waits for the others (jax.distributed.initialize).
             keras.distribution.initialize(coordinator, num_processes=num_nodes, process_id=node_rank)
         platform = {"auto": None, "cpu": "cpu", "gpu": "gpu"}[accelerator]
@@ -171,6 +173,8 @@ class DataParallel:
                                "on CPU set --accelerator cpu, on GPU lower --devices")
         self.device_names = found[:wanted]
         self.distribution = keras.distribution.DataParallel(devices=self.device_names)
+        # local_batches gives each process its rows of the global batch already.
+        self.distribution.auto_shard_dataset = False
         # Before the module is built: its variables take the distribution's (replicated) layout.
         keras.distribution.set_distribution(self.distribution)
         self.replicas = wanted

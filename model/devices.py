@@ -54,6 +54,11 @@ def check_placement(config: TrainConfig, backend: str) -> None:
         if backend == "tensorflow":
             raise UsageError("TensorFlow cannot train on several machines with Keras 3 (MultiWorkerMirroredStrategy "
                              "fails, keras-team/keras#20585); use --backend jax or torch, or --num-nodes 1")
+        if backend == "jax":
+            # Measured on localhost with 2 processes: the steps train, but Keras' saving
+            # gathers the replicated weights with a collective that only rank 0 enters.
+            raise UsageError("JAX on several machines is not supported yet (saving a checkpoint from rank 0 needs "
+                             "every process; README 'More than one device'); use --backend torch, or --num-nodes 1")
         if not config.coordinator:
             raise UsageError("--num-nodes > 1 needs --coordinator HOST:PORT (the machine with --node-rank 0)")
         parse_coordinator(config.coordinator)
