@@ -102,11 +102,12 @@ def train_step(module, data):
     # Forward pass
     with tf.GradientTape() as tape:
         loss, probabilities, _ = module.training_step((images, labels))
+        # Under MirroredStrategy the optimizer sums the replicas' gradients: each takes
+        # its share of the mean, as Keras' own losses do (one replica: unchanged).
+        replica_share = loss / tf.distribute.get_strategy().num_replicas_in_sync
 
-    # Compute gradients (under MirroredStrategy of this replica's share of the mean: the
-    # optimizer sums the replicas' gradients, as Keras' own losses scale theirs)
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    gradients = tape.gradient(loss / replicas, module.trainable_variables)
+    # Compute gradients
+    gradients = tape.gradient(replica_share, module.trainable_variables)
 
     # Update weights
     module.optimizer.apply(gradients, module.trainable_variables)
