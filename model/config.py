@@ -79,6 +79,12 @@ class TrainConfig:
         """How many replicas train: one per device on every machine."""
         return self.devices * self.num_nodes
 
+    @property
+    def drop_last(self) -> bool:
+        """Whether an epoch's last, smaller batch is left out (MNISTDataModule.drop_last):
+        with several replicas every batch must split evenly over them."""
+        return self.world_size > 1
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -116,7 +116,7 @@ def prepare_run(config: TrainConfig, arrays=None):
         path=config.data,
         limit_train_batches=config.limit_train_batches,
         # Every batch must split evenly over the replicas (README: "More than one device").
-        drop_last=config.world_size > 1,
+        drop_last=config.drop_last,
     ).setup(arrays)
     with engine.scope() if engine is not None else contextlib.nullcontext():
         module = CNNModule(lr=config.lr, decay_steps=config.epochs * datamodule.steps_per_epoch,
