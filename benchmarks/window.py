@@ -95,8 +95,10 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     started = time.perf_counter()
     trainer.fit(module, datamodule)
     figures = window_figures(started, step_ends, spec["warmup_steps"], config.batch_size)
-    return {**add_epoch_estimate(figures, data_s, epoch_images), "device_name": backend.device_name(),
-            "peak_device_mb": backend.peak_device_memory_mb(), "keras_version": keras.__version__}
+    return {**add_epoch_estimate(figures, data_s, epoch_images), "steps_run": len(step_ends),
+            "epochs_run": len(trainer.timer.step_seconds), "window_images": len(images),
+            "device_name": backend.device_name(), "peak_device_mb": backend.peak_device_memory_mb(),
+            "keras_version": keras.__version__}
 
 
 def run_framework_path(spec: dict, config, progress) -> dict:
@@ -126,7 +128,8 @@ def run_framework_path(spec: dict, config, progress) -> dict:
         step_ends.append(time.perf_counter())
     figures = window_figures(started, step_ends, spec["warmup_steps"], config.batch_size)
     added = sorted(keras_modules() - keras_before)
-    return {**add_epoch_estimate(figures, data_s, epoch_images), "device_name": baseline.device_name(),
+    return {**add_epoch_estimate(figures, data_s, epoch_images), "steps_run": len(step_ends), "epochs_run": 1,
+            "window_images": len(images), "device_name": baseline.device_name(),
             "peak_device_mb": baseline.peak_device_memory_mb(), "keras_imported_by_path": bool(added)}
 
 
