@@ -12,6 +12,7 @@ import collections
 import itertools
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -87,6 +88,13 @@ def load_average() -> float | None:
         return None
 
 
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished children: a cell's own CPU time, which says
+    more than its wall time about how long it takes on a machine with nothing else on it."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -124,7 +132,7 @@ def run_cell(cell: Cell, spec: dict, timeout_s: float, show=lambda line: None, p
 
         reader = threading.Thread(target=read_output, daemon=True)
         reader.start()
-        started, load_before = time.perf_counter(), load_average()
+        started, load_before, cpu_before = time.perf_counter(), load_average(), children_cpu_s()
         try:
             returncode = process.wait(timeout=timeout_s)
         except BaseException as error:  # the time limit, or Ctrl-C: end the whole cell
@@ -145,7 +153,8 @@ def run_cell(cell: Cell, spec: dict, timeout_s: float, show=lambda line: None, p
             last_line = other_lines[-1].strip() if other_lines else "no output"
             measured = {"status": "failed", "reason": f"{last_line} ({describe_exit(returncode)})"}
     result = {**empty_result(cell, measured.get("status", "failed"), measured.get("reason")), **measured}
-    result.update(process_wall_s=time.perf_counter() - started, load_average=[load_before, load_average()])
+    result.update(process_wall_s=time.perf_counter() - started, load_average=[load_before, load_average()],
+                  process_cpu_s=children_cpu_s() - cpu_before)
     if result["status"] == "failed":
         result["output_tail"] = list(other_lines)[-20:]  # the traceback, for whoever reads the JSON
     return result

@@ -38,11 +38,11 @@ MODES = {
     "full": {"rounds": 5, "warmup_steps": 10, "window_steps": 60, "time_to_accuracy_rounds": 1,
              "target_accuracy": 0.99, "limit_train_batches": None, "test_images": None, "validate": True,
              "predict_warmup": {"1": 20, "1024": 3}, "predict_calls": {"1": 200, "1024": 20},
-             "floor_min_seconds": 0.3, "timeout_s": 300, "time_to_accuracy_timeout_s": 1800},
+             "floor_min_seconds": 0.3, "whole_epoch_data": True, "timeout_s": 300, "time_to_accuracy_timeout_s": 1800},
     "quick": {"rounds": 2, "warmup_steps": 3, "window_steps": 10, "time_to_accuracy_rounds": 1,
               "target_accuracy": 0.8, "limit_train_batches": 60, "test_images": 2000, "validate": False,
               "predict_warmup": {"1": 3, "1024": 1}, "predict_calls": {"1": 20, "1024": 2},
-              "floor_min_seconds": 0.1, "timeout_s": 180, "time_to_accuracy_timeout_s": 300},
+              "floor_min_seconds": 0.1, "whole_epoch_data": False, "timeout_s": 180, "time_to_accuracy_timeout_s": 300},
 }
 DEFAULT_RESULTS_DIR = REPO / "benchmarks" / "results"
 # Tried in this order for the one process that builds the predict model.
@@ -122,7 +122,8 @@ def cell_spec(cell: Cell, settings: dict, prepared: dict) -> dict:
         return {"model": prepared["model"], "onnx": prepared["onnx"], "warmup": settings["predict_warmup"],
                 "calls": settings["predict_calls"]}
     return {"warmup_steps": settings["warmup_steps"], "window_steps": settings["window_steps"],
-            "floor_min_seconds": settings["floor_min_seconds"], "model_shape": model_shape(prepared, cell.batch_size)}
+            "floor_min_seconds": settings["floor_min_seconds"], "whole_epoch_data": settings["whole_epoch_data"],
+            "model_shape": model_shape(prepared, cell.batch_size)}
 
 
 def unpreparable(cell: Cell, prepared: dict) -> str | None:

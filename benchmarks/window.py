@@ -1,7 +1,7 @@
 """One clean timing window of training steps, the same on every path.
 
 Before the window, the data module's first epoch is prepared (shuffled and augmented:
-`data_s_per_epoch`) and cut to `warmup_steps + window_steps` full batches, which every
+`data_s_per_epoch`; --quick prepares only the window's batches and scales) and cut to `warmup_steps + window_steps` full batches, which every
 path gets as the same arrays: the Keras paths through train.py's own code (prepare_run,
 Trainer.fit, whose feed then slices the prepared arrays), the framework path batch by
 batch. So the window lies inside one epoch, holds only full batches (no new shape to
@@ -25,19 +25,20 @@ import time
 import numpy as np
 
 
-def prepared_epoch(datamodule, steps: int) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """(images, labels) of epoch 0 cut to `steps` full batches, the seconds preparing the
-    whole epoch took, and how many images a full epoch has."""
-    limit, datamodule.limit_train_batches = datamodule.limit_train_batches, None
+def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(images, labels) of epoch 0 cut to `steps` full batches, the seconds preparing a
+    whole epoch takes, and how many images an epoch has. With whole_epoch False (--quick)
+    only the window's batches are prepared and the epoch's seconds scaled from them."""
+    epoch_images, batch_size = len(datamodule.x_train), datamodule.batch_size
+    if steps > epoch_images // batch_size:
+        raise ValueError(f"a window of {steps} steps needs {steps} full batches; an epoch has {epoch_images // batch_size}")
+    limit, datamodule.limit_train_batches = datamodule.limit_train_batches, None if whole_epoch else steps
     started = time.perf_counter()
-    images, labels = datamodule.train_epoch(0)  # the whole epoch, as a user's run prepares it
-    data_s = time.perf_counter() - started
+    images, labels = datamodule.train_epoch(0)  # as a user's run prepares it
+    data_s = (time.perf_counter() - started) * epoch_images / len(images)
     datamodule.limit_train_batches = limit
-    full_batches = len(images) // datamodule.batch_size
-    if steps > full_batches:
-        raise ValueError(f"a window of {steps} steps needs {steps} full batches; an epoch has {full_batches}")
-    count = steps * datamodule.batch_size
-    return images[:count], labels[:count], data_s, len(images)
+    count = steps * batch_size
+    return images[:count], labels[:count], data_s, epoch_images
 
 
 def window_figures(started: float, step_ends: list[float], warmup_steps: int, batch_size: int) -> dict:
@@ -77,7 +78,7 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     backend = backend_module()
     steps = spec["warmup_steps"] + spec["window_steps"]
     module, datamodule, trainer = prepare_run(config.replace(epochs=1, limit_train_batches=steps))
-    images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps)
+    images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
     # Every feed (the generator on JAX and torch, tf.data on TensorFlow) takes its epoch
     # from train_epoch: from now on, the prepared arrays.
     datamodule.train_epoch = lambda epoch: (images, labels)
@@ -113,7 +114,7 @@ def run_framework_path(spec: dict, config, progress) -> dict:
     datamodule = MNISTDataModule(batch_size=config.batch_size, validation_size=config.validation_size, seed=config.seed,
                                  shift_pixels=config.shift_pixels, rotation_degrees=config.rotation_degrees,
                                  zoom=config.zoom, path=config.data, limit_train_batches=steps).setup()
-    images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps)
+    images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
     optimizer = {"lr": config.lr, "decay_steps": steps, "ema_momentum": config.ema_momentum}
     baseline = load_baseline(spec["backend"]).build(seeded_cnn_weights(config.seed), **optimizer)
     progress(f"{spec['backend']} baseline: {steps} steps, data prepared in {data_s:.2f} s")
