@@ -142,13 +142,15 @@ def _overlap(a: dict, b: dict) -> bool:
 
 def headline_sentence(rows: list[dict]) -> str:
     parts = []
-    for device in DEVICES:
-        fits = sorted((r for r in rows if r["device"] == device and r["path"] == HEADLINE_PATH and r["status"] == "ok"),
-                      key=lambda r: r["step_ms_median"])
+    machines = list(dict.fromkeys(r.get("machine") for r in rows))
+    for machine, device in ((m, d) for m in machines for d in DEVICES):
+        fits = sorted((r for r in rows if (r.get("machine"), r["device"], r["path"]) == (machine, device, HEADLINE_PATH)
+                       and r["status"] == "ok"), key=lambda r: r["step_ms_median"])
         if not fits:
             continue
         fastest = fits[0]
-        text = f"on {device.upper()}, {fastest['backend']} trains fastest through Keras fit ({_ms(fastest['step_ms_median'])} ms/step)"
+        where = f"{device.upper()}" + (f" ({machine})" if len(machines) > 1 else "")
+        text = f"on {where}, {fastest['backend']} trains fastest through Keras fit ({_ms(fastest['step_ms_median'])} ms/step)"
         if len(fits) > 1:
             runner = fits[1]
             verdict = "not significant: their CIs overlap" if _overlap(fastest, runner) else "significant: their CIs do not overlap"
@@ -177,24 +179,25 @@ def _target_label(rows: list[dict]) -> str:
 
 
 def headline_table(rows: list[dict]) -> list[str]:
+    """One row per backend and device (and machine, when the report merges several)."""
+    machines = list(dict.fromkeys(r.get("machine") for r in rows))
     lines = []
-    for device in DEVICES:
-        for backend in BACKENDS:
-            fit, framework = _cell(rows, backend, device, HEADLINE_PATH), _cell(rows, backend, device, "framework")
-            tta = _cell(rows, backend, device, TIME_TO_ACCURACY)
-            if not (fit or framework or tta):
-                continue
-            seconds = "–"
-            if tta:
-                seconds = (f"{tta['seconds_to_target']:.0f} s ({tta['epochs_to_target']:g} epochs)"
-                           if tta.get("seconds_to_target") is not None else f"not reached ({tta['test_accuracy']:.4f})")
-            floor = f"{fit['pct_of_floor']:.0f}%" if fit and fit.get("pct_of_floor") is not None else "–"
-            lines.append([backend, device,
-                          _interval(fit["step_ms_median"], fit.get("step_ms_ci95")) if fit else "–",
-                          _interval(framework["step_ms_median"], framework.get("step_ms_ci95")) if framework else "–",
-                          _ratio(fit) if fit else "–", floor, seconds])
-    columns = ["backend", "device", "Keras fit ms/step [95% CI]", "hand-written ms/step [95% CI]",
-               "Keras overhead [95% CI]", "% of floor", _target_label(rows)]
+    for machine, device, backend in ((m, d, b) for m in machines for d in DEVICES for b in BACKENDS):
+        fit, framework = _cell(rows, backend, device, HEADLINE_PATH, machine), _cell(rows, backend, device, "framework", machine)
+        tta = _cell(rows, backend, device, TIME_TO_ACCURACY, machine)
+        if not (fit or framework or tta):
+            continue
+        seconds = "–"
+        if tta:
+            seconds = (f"{tta['seconds_to_target']:.0f} s ({tta['epochs_to_target']:g} epochs)"
+                       if tta.get("seconds_to_target") is not None else f"not reached ({tta['test_accuracy']:.4f})")
+        floor = f"{fit['pct_of_floor']:.0f}%" if fit and fit.get("pct_of_floor") is not None else "–"
+        lines.append([*([machine] if len(machines) > 1 else []), backend, device,
+                      _interval(fit["step_ms_median"], fit.get("step_ms_ci95")) if fit else "–",
+                      _interval(framework["step_ms_median"], framework.get("step_ms_ci95")) if framework else "–",
+                      _ratio(fit) if fit else "–", floor, seconds])
+    columns = [*(["machine"] if len(machines) > 1 else []), "backend", "device", "Keras fit ms/step [95% CI]",
+               "hand-written ms/step [95% CI]", "Keras overhead [95% CI]", "% of floor", _target_label(rows)]
     return _table(columns, lines) if lines else ["No training cell ran."]
 
 

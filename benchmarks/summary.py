@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from benchmarks.floor import achieved_gflops, pct_of_floor
-from benchmarks.measure import KERAS_PATHS, PATHS, PREDICT, TIME_TO_ACCURACY
+from benchmarks.measure import PATHS, PREDICT, TIME_TO_ACCURACY
 from benchmarks.statistics import median_ci, paired_ratio_ci, significance_label
 
 # A cell whose floor before and after its window differ by more than this ran on a drifting host.
@@ -157,7 +157,3 @@ def add_framework_ratios(rows: list[dict]) -> list[dict]:
 
 def summarize_cells(rows: list[dict]) -> list[dict]:
     return add_framework_ratios([summarize_row(row) for row in rows])
-
-
-def is_keras_path(path: str) -> bool:
-    return path in KERAS_PATHS

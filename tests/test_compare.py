@@ -437,6 +437,18 @@ def test_report_headline_tables_and_collapsed_skips(tmp_path):
     assert any("floor drifted 20%" in line for line in lines)
 
 
+def test_report_of_two_machines_keeps_them_apart():
+    avx2 = synthetic_run("cpu-test-2c-avx2", synthetic_matrix()[:4])
+    avx512 = synthetic_run("cpu-test-2c-avx512", [training_row("jax", "keras-fit", [11.0] * 5),
+                                                  training_row("jax", "framework", [10.0] * 5)])
+    rows = merge_cells([avx2, avx512])
+    lines = markdown_report([avx2, avx512], rows).splitlines()
+    assert "On CPU (cpu-test-2c-avx2), jax" in lines[2] and "on CPU (cpu-test-2c-avx512), jax" in lines[2]
+    assert lines[4].startswith("| machine | backend | device |") and lines[4].count("|") - 1 == 8
+    assert [line.split(" | ")[:2] for line in lines[6:9]] == [["| cpu-test-2c-avx2", "jax"], ["| cpu-test-2c-avx2", "torch"],
+                                                             ["| cpu-test-2c-avx512", "jax"]]
+
+
 def test_chart_draws_only_panels_with_data(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
