@@ -333,7 +333,7 @@ def draw_chart(rows: list[dict], path: str | os.PathLike, title: str = "") -> Pa
 
     ok = [r for r in rows if r["status"] == "ok" and r["path"] in PATHS]
     main_paths = [p for p in PATHS if p != STOCK_PATH and any(r["path"] == p for r in ok)]
-    ratios = [r for r in ok if r["path"] in KERAS_PATHS and r.get("ratio_to_framework") is not None]
+    ratios = [r for r in ok if r["path"] in KERAS_PATHS and r["path"] != STOCK_PATH and r.get("ratio_to_framework") is not None]
     stock = [r for r in ok if r["path"] in (STOCK_PATH, HEADLINE_PATH)] if any(r["path"] == STOCK_PATH for r in ok) else []
     panels = [kind for kind, present in (("steps", main_paths), ("forest", ratios), ("stock", stock)) if present]
     figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.5), squeeze=False)
