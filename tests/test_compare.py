@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import os
-import random
 import shutil
 from datetime import datetime
 
