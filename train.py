@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.arguments import int_in_range, positive_float, positive_int
+from model.arguments import accuracy_fraction, int_in_range, positive_float, positive_int
 from model.config import BACKENDS, POOLINGS, SEED_RANGE, STEPS, TrainConfig
 from model.runtime import UsageError, select_backend
 
@@ -45,6 +45,8 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
                              "or keras.layers.MaxPooling2D (stock)")
     parser.add_argument("--no-augment", action="store_true",
                         help="train without the random shift/rotation/zoom augmentation")
+    parser.add_argument("--target-accuracy", type=accuracy_fraction, default=defaults.target_accuracy, metavar="A",
+                        help="stop after the first epoch whose test accuracy is at least A, e.g. 0.99")
     return parser
 
 
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
         limit_train_batches=args.limit_train_batches, dry_run=args.dry_run, data=args.data, step=args.step,
-        resume=args.resume, overwrite=args.overwrite, pooling=args.pooling,
+        resume=args.resume, overwrite=args.overwrite, pooling=args.pooling, target_accuracy=args.target_accuracy,
     )
     if args.no_augment:
         config = config.replace(shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0)

@@ -48,6 +48,9 @@ class TrainConfig:
     overwrite: bool = False
     # Whether steps are compiled (XLA for JAX/TF); None lets each backend use its fastest.
     jit_compile: bool | None = None
+    # Stop once the test accuracy, checked at each epoch end, reaches this (e.g. 0.99);
+    # None trains every epoch (model/target_accuracy.py).
+    target_accuracy: float | None = None
 
     # A dry run is "a few batches, one epoch".
     DRY_RUN_BATCHES = 5
