@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "batches per epoch (default: off)")
     parser.add_argument("--rounds", type=positive_int, default=None, metavar="R",
                         help=f"rounds of every training and predict cell (default: {MODES['full']['rounds']}, "
-                             f"{MODES['quick']['rounds']} with --quick, whose predict cells run once); "
+                             f"{MODES['quick']['rounds']} with --quick for keras-fit and its baseline, the other cells once); "
                              f"time-to-accuracy cells run {MODES['full']['time_to_accuracy_rounds']}")
     parser.add_argument("--order-seed", type=int, default=None, metavar="N",
                         help="seed of the cells' order in each round (default: a random one, recorded)")

@@ -26,21 +26,24 @@ from benchmarks.initial_weights import CNN_WEIGHT_SHAPES
 from benchmarks.machine import commit_info, describe_machine, package_versions, steal_counters, steal_pct
 from benchmarks.measure import ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY
 from benchmarks.report import load_runs, make_readable, write_report
-from benchmarks.rounds import run_rounds
+from benchmarks.rounds import ANCHOR_PATH, run_rounds
 from benchmarks.summary import summarize_cells
 from model.config import TrainConfig
 
 # full: 5 rounds; per training cell 10 warm-up steps then a 60-step window; time to 99%
 # test accuracy on train.py's default recipe, once per backend; predict cells 200 calls at
 # batch 1 and 20 at batch 1024, every round. quick: the same cells, 2 rounds of short
-# windows, predict cells once, time to 70% test accuracy (first 2,000 test images) with 50
-# batches per epoch: a check that every cell works, not a measurement.
+# windows for keras-fit and its framework baseline (the other Keras paths, predict cells
+# and time to 70% test accuracy on the first 2,000 test images with 50 batches per epoch
+# once): a check that every cell works, not a measurement.
 MODES = {
     "full": {"rounds": 5, "warmup_steps": 10, "window_steps": 60, "time_to_accuracy_rounds": 1, "predict_rounds": None,
+             "other_path_rounds": None,
              "target_accuracy": 0.99, "limit_train_batches": None, "test_images": None, "validate": True,
              "predict_warmup": {"1": 20, "1024": 3}, "predict_calls": {"1": 200, "1024": 20},
              "floor_min_seconds": 0.3, "whole_epoch_data": True, "timeout_s": 300, "time_to_accuracy_timeout_s": 1800},
     "quick": {"rounds": 2, "warmup_steps": 3, "window_steps": 10, "time_to_accuracy_rounds": 1, "predict_rounds": 1,
+              "other_path_rounds": 1,
               "target_accuracy": 0.7, "limit_train_batches": 50, "test_images": 2000, "validate": False,
               "predict_warmup": {"1": 3, "1024": 1}, "predict_calls": {"1": 20, "1024": 2},
               "floor_min_seconds": 0.1, "whole_epoch_data": False, "timeout_s": 180, "time_to_accuracy_timeout_s": 300},
@@ -118,7 +121,11 @@ def model_shape(prepared: dict, batch_size: int) -> list[int]:
 def rounds_for(cell: Cell, settings: dict) -> int:
     if cell.path == TIME_TO_ACCURACY:
         return settings["time_to_accuracy_rounds"]
-    return (settings["predict_rounds"] if cell.path == PREDICT else None) or settings["rounds"]
+    if cell.path == PREDICT:
+        return settings["predict_rounds"] or settings["rounds"]
+    if cell.path in PATHS and cell.path not in (ANCHOR_PATH, "framework"):
+        return settings["other_path_rounds"] or settings["rounds"]
+    return settings["rounds"]
 
 
 def cell_spec(cell: Cell, settings: dict, prepared: dict) -> dict:

@@ -55,7 +55,8 @@ def test_quick_run_has_every_cell_and_records_its_rounds(quick_run):
             assert cell["reason"], cell
         if cell["status"] == "ok":
             expected = rounds_for(Cell(cell["backend"], cell["device"], cell["path"], cell["batch_size"]), settings)
-            assert expected == (1 if cell["path"] in (TIME_TO_ACCURACY, PREDICT) else 2)
+            # keras-fit and its baseline run both quick rounds; every other cell runs once.
+            assert expected == (2 if cell["path"] in ("keras-fit", "framework") else 1), cell["path"]
             assert [r["round"] for r in cell["rounds"]] == list(range(expected)), cell["path"]
             assert cell["rounds_ok"] == expected
     if not run["machine"]["gpus"]:
@@ -94,8 +95,12 @@ def test_quick_run_training_cells_have_finite_ordered_figures(quick_run):
         for field in ("step_ms_median", "images_per_s", "compile_s", "data_s_per_epoch", "epoch_s", "floor_gflops",
                       "achieved_gflops", "pct_of_floor", "ratio_to_framework"):
             assert isinstance(cell[field], float) and math.isfinite(cell[field]) and cell[field] > 0, (name, field)
-        assert within(cell["step_ms_ci95"], cell["step_ms_median"]), name
-        assert within(cell["ratio_to_framework_ci95"], cell["ratio_to_framework"]), name
+        if len(cell["rounds"]) >= 2:
+            assert within(cell["step_ms_ci95"], cell["step_ms_median"]), name
+            if cell["path"] != "framework":
+                assert within(cell["ratio_to_framework_ci95"], cell["ratio_to_framework"]), name
+        else:  # one round gives no interval, and says so rather than inventing one
+            assert cell["step_ms_ci95"] is None and cell["ratio_to_framework_ci95"] is None, name
         assert cell["ratio_significance"] in ("", "n.s."), name
         assert cell["epoch_s"] > cell["data_s_per_epoch"], name
         for result in cell["rounds"]:
