@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from model.arguments import accuracy_fraction, int_in_range, positive_float, positive_int
 from model.config import BACKENDS, POOLINGS, SEED_RANGE, STEPS, TrainConfig
@@ -107,8 +108,14 @@ def main(argv=None) -> int:
     try:
         train_and_evaluate(config, given=given_settings(argv))
     except KeyboardInterrupt:
-        # Ctrl-C before training began (imports, data): nothing was written.
-        print("\ntrain.py: stopped by Ctrl-C before training began; no checkpoint was written", file=sys.stderr)
+        # Ctrl-C outside training (imports and data before it, testing and writing the
+        # outputs after it), where no handler of ours is installed.
+        last = Path(args.output_dir) / "checkpoints" / "last.keras"
+        if last.exists():
+            print(f"\ntrain.py: stopped by Ctrl-C outside training; {last} is kept; "
+                  f"continue with: {resume_command(args)}", file=sys.stderr)
+        else:
+            print("\ntrain.py: stopped by Ctrl-C before training began; no checkpoint was written", file=sys.stderr)
         return 130
     except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)

@@ -23,9 +23,11 @@ STOCK_PATH = "keras-fit-stock"
 # What an ok round of each kind must hold, as numbers (or null where a figure may be missing).
 ROUND_NUMBERS = {
     "training": ("step_ms_mean", "images_per_s", "compile_s", "data_s_per_epoch", "epoch_s"),
-    TIME_TO_ACCURACY: ("target_accuracy", "test_accuracy"),
+    TIME_TO_ACCURACY: ("target_accuracy", "test_accuracy", "evaluation_s", "seconds_to_target", "epochs_to_target"),
     PREDICT: ("latency_ms_median", "latency_ms_p99", "throughput_images_per_s"),
 }
+# Those that may be null: an epoch time not measured, a target not reached.
+NULLABLE_NUMBERS = {"epoch_s", "seconds_to_target", "epochs_to_target"}
 
 
 class ResultsFileError(Exception):
@@ -43,7 +45,7 @@ def check_round(path: Path, index: int, cell: dict, result: dict) -> None:
     kind = "training" if cell["path"] in PATHS else cell["path"]
     for field in ROUND_NUMBERS.get(kind, ()):
         value = result.get(field)
-        if not (value is None and field == "epoch_s") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if not (value is None and field in NULLABLE_NUMBERS) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ResultsFileError(f"{str(path)!r}: cell {index} ({cell['backend']} {cell['path']}), round "
                                    f"{result['round']}: {field} is {value!r}, expected a number; fix or regenerate the file")
 
@@ -73,6 +75,11 @@ def load_runs(paths) -> list[dict]:
                                        "results file (before rounds), which this report cannot read")
             for result in cell["rounds"]:
                 check_round(path, index, cell, result)
+        # Rounds are paired by (source, round): two files under one name would pair rounds
+        # of different runs.
+        if any(other["source"] == path.name for other in runs):
+            raise ResultsFileError(f"two results files named {path.name!r} were given; each run's file name is its "
+                                   "time and commit, so pass each run once")
         run["source"] = path.name
         runs.append(run)
     return runs
@@ -306,15 +313,15 @@ def _points(axis, rows: list[dict], paths: list[str], value: str, ci: str, label
     keys = list(dict.fromkeys((r["backend"], r["device"]) for r in rows))
     for index, path in enumerate(paths):
         offset = (index - (len(paths) - 1) / 2) * 0.8 / max(len(paths), 1)
-        label = path
+        legend = path
         for position, key in enumerate(keys):
             row = next((r for r in rows if (r["backend"], r["device"]) == key and r["path"] == path), None)
             if row is None or row.get(value) is None:
                 continue
             low, high = row.get(ci) or [row[value], row[value]]
             axis.errorbar(position + offset, row[value], yerr=[[row[value] - low], [high - row[value]]],
-                          fmt="o", capsize=3, color=f"C{index}", label=label)
-            label = None  # one legend entry per path
+                          fmt="o", capsize=3, color=f"C{index}", label=legend)
+            legend = None  # one legend entry per path
     axis.set_xticks(np.arange(len(keys)), [f"{b}\n{d}" for b, d in keys])
     axis.set_ylabel(label)
     axis.grid(axis="y", alpha=0.3)

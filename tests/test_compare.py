@@ -260,6 +260,27 @@ def test_report_with_a_string_where_a_number_belongs(tmp_path):
     assert_one_line_error(result, 2, str(bad), "step_ms_mean is '21.0', expected a number")
 
 
+def test_report_checks_time_to_accuracy_numbers_and_refuses_one_file_twice(tmp_path):
+    """Each is a one-line ResultsFileError (compare.py prints it), never a TypeError later."""
+    from benchmarks.report import ResultsFileError, load_runs
+
+    tta = {"backend": "jax", "device": "cpu", "path": TIME_TO_ACCURACY, "batch_size": 128, "status": "ok",
+           "rounds": [{"status": "ok", "round": 0, "target_accuracy": 0.99, "test_accuracy": 0.991,
+                       "evaluation_s": "3.5", "seconds_to_target": 60.0, "epochs_to_target": 4}]}
+    bad = tmp_path / "tta.json"
+    bad.write_text(json.dumps(synthetic_run("cpu-test-2c-avx2", [tta])))
+    with pytest.raises(ResultsFileError, match="evaluation_s is '3.5', expected a number"):
+        load_runs([bad])
+    tta["rounds"][0].update(evaluation_s=3.5, seconds_to_target=None, epochs_to_target=None)  # target not reached
+    bad.write_text(json.dumps(synthetic_run("cpu-test-2c-avx2", [tta])))
+    assert len(load_runs([bad])) == 1
+    copy = tmp_path / "elsewhere" / "tta.json"
+    copy.parent.mkdir()
+    shutil.copy(bad, copy)
+    with pytest.raises(ResultsFileError, match="two results files named 'tta.json'"):
+        load_runs([bad, copy])
+
+
 @pytest.fixture
 def unwritable_folder(tmp_path):
     """A folder nobody can write into: read-only for a user; for root, who writes through
