@@ -16,9 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# The repository instead of this file's folder, whose statistics.py would shadow the
-# standard library's for every module of this process.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
 
 from benchmarks.cells import build_matrix, predict_cells, time_to_accuracy_cells  # noqa: E402
 from benchmarks.measure import DEVICES, PATHS, PREDICT, TIME_TO_ACCURACY  # noqa: E402

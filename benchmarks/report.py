@@ -286,7 +286,7 @@ LEGEND = (
     "achieved GFLOP/s (training FLOPs per image x images/s) over the framework's own sgemm GFLOP/s at "
     "the model's largest matmul, measured in the cell's process. Time to target: wall seconds from "
     "the process start until the test accuracy checked at an epoch end first reached it, the checks "
-    "left out. Few rounds give coarse CIs (benchmarks/statistics.py)."
+    "left out. Few rounds give coarse CIs (benchmarks/confidence.py)."
 )
 
 

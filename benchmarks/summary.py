@@ -1,4 +1,4 @@
-"""A cell's row in a results file, from its rounds (benchmarks/statistics.py).
+"""A cell's row in a results file, from its rounds (benchmarks/confidence.py).
 
 `summarize_cells(rows)` takes rows holding their identity (machine, backend, device,
 path, batch_size) and `rounds` (one result per round, as benchmarks/measure.py wrote
@@ -17,7 +17,7 @@ import numpy as np
 
 from benchmarks.floor import achieved_gflops, pct_of_floor
 from benchmarks.measure import PATHS, PREDICT, TIME_TO_ACCURACY
-from benchmarks.statistics import median_ci, paired_ratio_ci, significance_label
+from benchmarks.confidence import median_ci, paired_ratio_ci, significance_label
 
 # A cell whose floor before and after its window differ by more than this ran on a drifting host.
 FLOOR_DRIFT_LIMIT = 0.05
