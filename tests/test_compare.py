@@ -174,8 +174,11 @@ def test_quick_run_report_and_its_rebuild_from_json(quick_run, tmp_path):
     result = run_python([COMPARE, "--report", copy], timeout=120)
     assert result.returncode == 0, result.stderr
     assert copy.with_suffix(".md").read_text() == markdown.replace(path.name, copy.name)
-    # Two files: their rounds merged, every ok cell with twice the rounds.
-    merged = run_python([COMPARE, "--report", copy, path, "--output-dir", tmp_path], timeout=120)
+    # Two files (one file name twice is refused: rounds pair by file and round): their
+    # rounds merged, every ok cell with twice the rounds.
+    second = tmp_path / f"second-{path.name}"
+    shutil.copy(path, second)
+    merged = run_python([COMPARE, "--report", second, path, "--output-dir", tmp_path], timeout=120)
     assert merged.returncode == 0, merged.stderr
     assert "rounds ok" in merged.stdout and f"| {2 * run['settings']['rounds']}/{2 * run['settings']['rounds']} |" in merged.stdout
 
