@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from model.arguments import int_in_range, positive_float, positive_int
+from model.arguments import accuracy_fraction, int_in_range, positive_float, positive_int
 from model.config import ACCELERATORS, BACKENDS, POOLINGS, SEED_RANGE, STEPS, TrainConfig
 from model.runtime import UsageError, select_backend
 
@@ -47,6 +48,8 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
                              "or keras.layers.MaxPooling2D (stock)")
     parser.add_argument("--no-augment", action="store_true",
                         help="train without the random shift/rotation/zoom augmentation")
+    parser.add_argument("--target-accuracy", type=accuracy_fraction, default=defaults.target_accuracy, metavar="A",
+                        help="stop after the first epoch whose test accuracy is at least A, e.g. 0.99")
     devices = parser.add_argument_group("more than one device (data parallel)")
     devices.add_argument("--accelerator", choices=ACCELERATORS, default=defaults.accelerator,
                          help="auto: GPUs when the framework sees any, else CPU")
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
         limit_train_batches=args.limit_train_batches, dry_run=args.dry_run, data=args.data, step=args.step,
-        resume=args.resume, overwrite=args.overwrite, pooling=args.pooling, accelerator=args.accelerator,
+        resume=args.resume, overwrite=args.overwrite, pooling=args.pooling, target_accuracy=args.target_accuracy,
+        accelerator=args.accelerator,
         devices=args.devices, num_nodes=args.num_nodes, node_rank=args.node_rank, coordinator=args.coordinator,
         collective_timeout_s=args.collective_timeout,
     )
@@ -159,8 +163,14 @@ def report_errors(run, args) -> int:
     try:
         return run()
     except KeyboardInterrupt:
-        # Ctrl-C before training began (imports, data): nothing was written.
-        print("\ntrain.py: stopped by Ctrl-C before training began; no checkpoint was written", file=sys.stderr)
+        # Ctrl-C outside training (imports and data before it, testing and writing the
+        # outputs after it), where no handler of ours is installed.
+        last = Path(args.output_dir) / "checkpoints" / "last.keras"
+        if last.exists():
+            print(f"\ntrain.py: stopped by Ctrl-C outside training; {last} is kept; "
+                  f"continue with: {resume_command(args)}", file=sys.stderr)
+        else:
+            print("\ntrain.py: stopped by Ctrl-C before training began; no checkpoint was written", file=sys.stderr)
         return 130
     except UsageError as error:
         print(f"train.py: error: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ import collections
 import itertools
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -22,18 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends import framework_environment
-from benchmarks.measure import DEVICES, PATHS, PROGRESS
+from benchmarks.measure import DEVICES, ONNX_RUNTIME, PATHS, PREDICT, PROGRESS, TIME_TO_ACCURACY
 from model.config import BACKENDS
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Every cell of a results file has these keys; what a cell could not measure is None.
-CELL_FIELDS = (
-    "backend", "device", "path", "batch_size", "status", "reason",
-    "first_step_s", "step_ms_median", "step_ms_p10", "step_ms_p90", "samples_per_s", "epoch_s",
-    "test_accuracy", "peak_rss_mb", "peak_device_mb", "ratio_to_framework", "ratio_to_fastest",
-)
-
 
 @dataclass(frozen=True)
 class Cell:
@@ -48,16 +41,29 @@ class Cell:
 
 
 def build_matrix(backends=BACKENDS, devices=DEVICES, paths=PATHS, batch_sizes=(128,)) -> list[Cell]:
-    """Cells grouped by batch size and device, then backend, then path."""
+    """Training cells grouped by batch size and device, then backend, then path."""
     return [Cell(backend, device, path, batch_size)
             for batch_size, device, backend, path in itertools.product(batch_sizes, devices, backends, paths)]
+
+
+def time_to_accuracy_cells(backends=BACKENDS, devices=DEVICES, batch_size: int = 128) -> list[Cell]:
+    return [Cell(backend, device, TIME_TO_ACCURACY, batch_size) for device in devices for backend in backends]
+
+
+def predict_cells(backends=BACKENDS, devices=DEVICES, onnx: bool = True) -> list[Cell]:
+    """Per backend and device, plus the ONNX export in onnxruntime on the CPU. Batch sizes
+    1 and 1024 are both timed in the cell; its batch_size field says 1."""
+    cells = [Cell(backend, device, PREDICT, 1) for device in devices for backend in backends]
+    return cells + ([Cell(ONNX_RUNTIME, "cpu", PREDICT, 1)] if onnx and "cpu" in devices else [])
 
 
 def cell_environment(cell: Cell, base: dict | None = None) -> dict:
     """The environment a cell's process starts with: the backend and the one device
     kind its framework may see."""
     env = framework_environment(cell.backend, os.environ if base is None else base)
-    env.update({"KERAS_BACKEND": cell.backend, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    env.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if cell.backend in BACKENDS:
+        env["KERAS_BACKEND"] = cell.backend
     if cell.device == "cpu":
         # An empty CUDA_VISIBLE_DEVICES hides every GPU from TensorFlow and torch.
         env.update({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""})
@@ -69,17 +75,8 @@ def cell_environment(cell: Cell, base: dict | None = None) -> dict:
 
 
 def empty_result(cell: Cell, status: str, reason: str | None) -> dict:
-    result = {field: None for field in CELL_FIELDS}
-    result.update(backend=cell.backend, device=cell.device, path=cell.path, batch_size=cell.batch_size,
-                  status=status, reason=reason)
-    return result
-
-
-def complete_result(cell: Cell, measured: dict) -> dict:
-    """The cell's measurements with every CELL_FIELDS key present, in that order first."""
-    result = empty_result(cell, measured.get("status", "failed"), measured.get("reason"))
-    result.update({key: value for key, value in measured.items() if key not in ("backend", "device", "path", "batch_size")})
-    return result
+    return {"backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
+            "status": status, "reason": reason}
 
 
 def load_average() -> float | None:
@@ -91,6 +88,13 @@ def load_average() -> float | None:
         return None
 
 
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished children: a cell's own CPU time, which says
+    more than its wall time about how long it takes on a machine with nothing else on it."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -100,13 +104,12 @@ def describe_exit(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-def run_cell(cell: Cell, settings: dict, timeout_s: float, show=lambda line: None, python: str = sys.executable) -> dict:
-    """Run `cell` in its own process and return its result row. A crash, a timeout or a
-    missing framework becomes a row with status failed/skipped and a one-line reason;
-    `show` gets the process's progress lines as they come."""
-    spec = {"backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
-            **{key: settings[key] for key in ("epochs", "limit_train_batches", "warmup_steps", "validate", "test_images",
-                                                 "progress_every")}}
+def run_cell(cell: Cell, spec: dict, timeout_s: float, show=lambda line: None, python: str = sys.executable) -> dict:
+    """Run `cell` in its own process with `spec` (what to measure) and return its result
+    for this round. A crash, a timeout or a missing framework becomes a result with status
+    failed/skipped and a one-line reason; `show` gets the process's progress lines."""
+    spec = {**spec, "backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
+            "launched_at": time.time()}
     with tempfile.TemporaryDirectory(prefix="benchmark-cell-") as folder:
         spec_path, result_path = Path(folder) / "spec.json", Path(folder) / "result.json"
         spec_path.write_text(json.dumps(spec))
@@ -129,7 +132,7 @@ def run_cell(cell: Cell, settings: dict, timeout_s: float, show=lambda line: Non
 
         reader = threading.Thread(target=read_output, daemon=True)
         reader.start()
-        started, load_before = time.perf_counter(), load_average()
+        started, load_before, cpu_before = time.perf_counter(), load_average(), children_cpu_s()
         try:
             returncode = process.wait(timeout=timeout_s)
         except BaseException as error:  # the time limit, or Ctrl-C: end the whole cell
@@ -149,38 +152,23 @@ def run_cell(cell: Cell, settings: dict, timeout_s: float, show=lambda line: Non
         else:
             last_line = other_lines[-1].strip() if other_lines else "no output"
             measured = {"status": "failed", "reason": f"{last_line} ({describe_exit(returncode)})"}
-    result = complete_result(cell, measured)
-    result.update(process_wall_s=time.perf_counter() - started, load_average=[load_before, load_average()])
+    result = {**empty_result(cell, measured.get("status", "failed"), measured.get("reason")), **measured}
+    result.update(process_wall_s=time.perf_counter() - started, load_average=[load_before, load_average()],
+                  process_cpu_s=children_cpu_s() - cpu_before)
     if result["status"] == "failed":
         result["output_tail"] = list(other_lines)[-20:]  # the traceback, for whoever reads the JSON
     return result
 
 
-def run_matrix(cells: list[Cell], settings: dict, timeout_s: float, stream=None) -> list[dict]:
-    """Every cell in turn: "[3/24] torch cpu native-step b128 ... 41.2 ms/step (ok)",
-    with the cell's own progress lines indented under it while it runs."""
-    stream = stream or sys.stderr
-    results = []
-    for index, cell in enumerate(cells, 1):
-        head = f"[{index}/{len(cells)}] {cell.label} ..."
-        stream.write(head)
-        stream.flush()
-        shown = []
-
-        def show(line):
-            stream.write(("\n" if not shown else "") + f"      {line}\n")
-            stream.flush()
-            shown.append(line)
-
-        result = run_cell(cell, settings, timeout_s, show=show)
-        # A cell with no progress lines (a skipped one) ends on its own line.
-        stream.write(f"{head if shown else ''} {summarize(result)}\n")
-        stream.flush()
-        results.append(result)
-    return results
-
-
 def summarize(result: dict) -> str:
-    if result["status"] == "ok":
-        return f"{result['step_ms_median']:.1f} ms/step (ok, {result['process_wall_s']:.0f} s)"
-    return f"{result['status']}: {result['reason']}"
+    """One line for the progress log."""
+    if result["status"] != "ok":
+        return f"{result['status']}: {result['reason']}"
+    if "step_ms_mean" in result:
+        figure = f"{result['step_ms_mean']:.1f} ms/step"
+    elif "latency_ms_median" in result:
+        figure = f"{result['latency_ms_median']:.2f} ms at batch 1, {result['throughput_images_per_s']:,.0f} images/s"
+    else:
+        reached = result.get("seconds_to_target")
+        figure = f"{reached:.0f} s to {result['target_accuracy']}" if reached else f"target not reached ({result['test_accuracy']:.4f})"
+    return f"{figure} (ok, {result['process_wall_s']:.0f} s)"

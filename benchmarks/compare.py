@@ -1,13 +1,13 @@
-"""Time the MNIST CNN's training step per backend, device and path; write a results JSON,
-a Markdown table and a chart.
+"""Time the MNIST CNN per backend, device and path: training steps (Keras vs hand-written),
+time to a target accuracy, and inference; write a results JSON, a Markdown report and a chart.
 
-    python benchmarks/compare.py                      # full matrix, batch 128 (21 min on a busy 2-core CPU)
-    python benchmarks/compare.py --quick              # every cell on a few steps (2.5 min there)
-    python benchmarks/compare.py --batch-sizes 128,512 --backends jax,torch --devices cpu
-    python benchmarks/compare.py --report a.json b.json   # table and chart from saved results
+    python benchmarks/compare.py                      # full: 5 rounds of every cell
+    python benchmarks/compare.py --quick              # every cell, 2 short rounds (under 3 minutes)
+    python benchmarks/compare.py --rounds 3 --backends jax,torch --devices cpu
+    python benchmarks/compare.py --report a.json b.json   # report from saved results, rounds merged
 
-Each cell runs in its own process (benchmarks/cells.py); the work lives in
-benchmarks/suite.py and benchmarks/report.py, this file only parses flags.
+Every round runs each cell once, in a fresh process, in a new random order (--order-seed);
+the work lives in benchmarks/suite.py, rounds.py and report.py, this file only parses flags.
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
 
-from benchmarks.cells import build_matrix  # noqa: E402
-from benchmarks.measure import DEVICES, PATHS  # noqa: E402
+from benchmarks.cells import build_matrix, predict_cells, time_to_accuracy_cells  # noqa: E402
+from benchmarks.measure import DEVICES, PATHS, PREDICT, TIME_TO_ACCURACY  # noqa: E402
 from benchmarks.report import ResultsFileError, load_runs, write_report  # noqa: E402
 from benchmarks.suite import MODES, run_suite  # noqa: E402
-from model.arguments import comma_list, positive_float  # noqa: E402
+from model.arguments import accuracy_fraction, comma_list, positive_float, positive_int  # noqa: E402
 from model.config import BACKENDS  # noqa: E402
+from model.runtime import UsageError  # noqa: E402
+
+
+KINDS = ("training", TIME_TO_ACCURACY, PREDICT)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,8 +35,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--quick", action="store_true",
-                        help=f"every cell on {MODES['quick']['limit_train_batches']} batches of one epoch instead of "
-                             f"{MODES['full']['epochs']} full epochs (default: off)")
+                        help=f"{MODES['quick']['rounds']} rounds of {MODES['quick']['window_steps']}-step windows, "
+                             f"time to {MODES['quick']['target_accuracy']} on {MODES['quick']['limit_train_batches']} "
+                             "batches per epoch (default: off)")
+    parser.add_argument("--rounds", type=positive_int, default=None, metavar="R",
+                        help=f"rounds of every training and predict cell (default: {MODES['full']['rounds']}, "
+                             f"{MODES['quick']['rounds']} with --quick for keras-fit and its baseline, the other cells once); "
+                             f"time-to-accuracy cells run {MODES['full']['time_to_accuracy_rounds']}")
+    parser.add_argument("--order-seed", type=int, default=None, metavar="N",
+                        help="seed of the cells' order in each round (default: a random one, recorded)")
+    parser.add_argument("--target-accuracy", type=accuracy_fraction, default=None, metavar="A",
+                        help=f"test accuracy the time-to-accuracy cells train to (default: {MODES['full']['target_accuracy']}, "
+                             f"{MODES['quick']['target_accuracy']} with --quick)")
+    parser.add_argument("--kinds", type=comma_list(choices=KINDS), default=list(KINDS), metavar="NAME[,NAME...]",
+                        help=f"cell kinds (default: {','.join(KINDS)})")
     parser.add_argument("--batch-sizes", type=comma_list(int, positive=True), default=[128], metavar="N[,N...]",
                         help="training batch sizes to sweep (default: 128)")
     parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=list(BACKENDS), metavar="NAME[,NAME...]",
@@ -43,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"training paths (default: {','.join(PATHS)})")
     parser.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                         help=f"per-cell time limit (default: {MODES['full']['timeout_s']} s, "
-                             f"{MODES['quick']['timeout_s']} s with --quick)")
+                             f"{MODES['quick']['timeout_s']} s with --quick; time-to-accuracy cells "
+                             f"{MODES['full']['time_to_accuracy_timeout_s']} s)")
     parser.add_argument("--output-dir", default=None, metavar="DIR",
                         help="where the results go (default: benchmarks/results/<machine>/)")
     parser.add_argument("--report", nargs="+", metavar="FILE",
@@ -61,7 +78,12 @@ def report(paths: list[str], output_dir: str | None) -> int:
     first = Path(paths[0])
     stem = first.stem if len(runs) == 1 else f"merged-{first.stem}-and-{len(runs) - 1}-more"
     folder = Path(output_dir) if output_dir else first.parent
-    table, markdown, chart = write_report(runs, folder / stem)
+    try:
+        table, markdown, chart = write_report(runs, folder / stem)
+    except OSError as error:
+        print(f"compare.py: error: cannot write the report to {str(folder)!r} ({error.strerror or error}); "
+              "choose another folder with --output-dir", file=sys.stderr)
+        return 2
     print(table)
     print(f"wrote {markdown} and {chart}", file=sys.stderr)
     return 0
@@ -71,10 +93,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         return report(args.report, args.output_dir)
-    cells = build_matrix(args.backends, args.devices, args.paths, args.batch_sizes)
+    cells = build_matrix(args.backends, args.devices, args.paths, args.batch_sizes) if "training" in args.kinds else []
+    if TIME_TO_ACCURACY in args.kinds:
+        cells += time_to_accuracy_cells(args.backends, args.devices, args.batch_sizes[0])
+    if PREDICT in args.kinds:
+        cells += predict_cells(args.backends, args.devices)
     mode = "quick" if args.quick else "full"
     try:
-        _, table = run_suite(cells, mode, args.timeout, args.output_dir)
+        _, table = run_suite(cells, mode, args.output_dir, rounds=args.rounds, order_seed=args.order_seed,
+                             target_accuracy=args.target_accuracy, timeout_s=args.timeout)
+    except UsageError as error:
+        print(f"compare.py: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ncompare.py: interrupted; no results written", file=sys.stderr)
         return 130

@@ -80,6 +80,21 @@ def onnx_inference(onnx_path, images: np.ndarray, warmup=DEFAULT_WARMUP, calls=D
             "versions": {"onnxruntime": onnxruntime.__version__}, "batches": results}
 
 
+def summarize_row(row: dict) -> dict:
+    """A benchmark cell's figures from one row: batch-1 latency (median, p99, ms) and
+    batch-1024 throughput (images / total seconds of the timed calls), plus the raw calls."""
+    latency = np.asarray(row["batches"][str(LATENCY_BATCH)]["seconds"]) * 1000.0
+    throughput = row["batches"][str(THROUGHPUT_BATCH)]["seconds"]
+    return {
+        "runtime_path": row["path"], "device_name": row["device"], "runtime_versions": row["versions"],
+        "latency_ms_median": float(np.median(latency)), "latency_ms_p99": float(np.percentile(latency, 99)),
+        "throughput_images_per_s": THROUGHPUT_BATCH * len(throughput) / float(np.sum(throughput)),
+        "latency_calls": int(latency.size), "throughput_calls": len(throughput),
+        "latency_ms": [round(float(value), 4) for value in latency],
+        "throughput_s": [round(float(value), 5) for value in throughput],
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a .keras model written by train.py")

@@ -4,25 +4,24 @@
 
 benchmarks/cells.py starts it with KERAS_BACKEND and the device variables already set
 (a framework reads them once, at import), so this process holds one backend on one
-device for its life. SPEC names the cell (backend, device, path, batch_size) and the
-run's shape (epochs, limit_train_batches, warmup_steps, validate, test_images,
-progress_every); RESULT gets
-the cell's measurements. Progress goes to stderr as lines starting with PROGRESS.
+device for its life. SPEC names the cell (backend, device, path, batch_size) and what
+to measure; RESULT gets the cell's figures for this round. Progress goes to stderr as
+lines starting with PROGRESS.
 
-Every step is timed the way model.trainer.StepTimer times it: from the end of one
-step to the end of the next (the first from the start of the epoch), so data
-preparation is included, and after a device sync: on the Keras paths the trainer's
-NaN guard reads the loss every step, and the framework path does the same.
+A training cell times one clean window (benchmarks/window.py): the epoch's augmented
+batches are prepared before it (the same arrays on every path), then `warmup_steps +
+window_steps` full batches run inside that one epoch, so the window holds no epoch
+boundary, no partial batch and no new shape to compile. The hardware floor
+(benchmarks/floor.py) is measured in this process before and after the window.
+A time-to-accuracy cell trains train.py's default recipe until the test accuracy
+reaches the target; a predict cell times inference (benchmarks/inference.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import importlib.util
-import inspect
 import json
-import math
 import os
 import platform
 import resource
@@ -33,14 +32,19 @@ from pathlib import Path
 
 PROGRESS = "[cell] "
 
-# The paths a cell can time, in the order the matrix lists them.
+# The training paths a cell can time, in the order the matrix lists them.
 KERAS_PATHS = {
     "keras-fit": {"pooling": "fast", "step": "keras"},
     "keras-fit-stock": {"pooling": "stock", "step": "keras"},
     "native-step": {"pooling": "fast", "step": "native"},
 }
 PATHS = (*KERAS_PATHS, "framework")
+# The other cell kinds: train.py's recipe to a target accuracy, and inference.
+TIME_TO_ACCURACY = "time-to-accuracy"
+PREDICT = "predict"
 DEVICES = ("cpu", "gpu")
+# A predict cell's peer runtime: the exported ONNX model, in onnxruntime on the CPU.
+ONNX_RUNTIME = "onnxruntime"
 
 
 class CellSkipped(Exception):
@@ -54,9 +58,9 @@ def progress(message: str) -> None:
 # ----------------------------------------------------------------------------- device
 
 
-def check_framework_installed(backend: str) -> None:
+def check_framework_installed(backend: str, extra: str | None = None) -> None:
     if importlib.util.find_spec(backend) is None:
-        raise CellSkipped(f"{backend} is not installed; install it with: pip install -c constraints.txt '.[{backend}]'")
+        raise CellSkipped(f"{backend} is not installed; install it with: pip install -c constraints.txt '.[{extra or backend}]'")
 
 
 def gpu_device_nodes() -> list[str]:
@@ -132,258 +136,121 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-# ----------------------------------------------------------------------------- statistics
+# ----------------------------------------------------------------------------- cells
 
 
-def timed_step_seconds(step_seconds: list[list[float]], warmup_steps: int) -> list[float]:
-    """Every step of the run except the first `warmup_steps` of the first epoch (tracing,
-    compilation, cold caches)."""
-    steps = [seconds for epoch in step_seconds for seconds in epoch]
-    return steps[warmup_steps:]
-
-
-def step_statistics(seconds: list[float], batch_size: int) -> dict:
-    import numpy as np
-
-    milliseconds = np.asarray(seconds, dtype=float) * 1000.0
-    p10, median, p90 = (float(v) for v in np.percentile(milliseconds, [10, 50, 90]))
-    return {
-        "step_ms_median": median,
-        "step_ms_p10": p10,
-        "step_ms_p90": p90,
-        "step_ms_min": float(milliseconds.min()),
-        "step_ms_max": float(milliseconds.max()),
-        "timed_steps": int(milliseconds.size),
-        "samples_per_s": batch_size / (median / 1000.0),
-        "timed_step_ms": [round(float(v), 3) for v in milliseconds],
-    }
-
-
-def epoch_seconds(step_seconds: list[list[float]]) -> float | None:
-    """Wall time of the second epoch's training steps (validation excluded): an epoch
-    after the first, so no compilation is in it. None when the run had one epoch."""
-    return float(sum(step_seconds[1])) if len(step_seconds) > 1 else None
-
-
-class ProgressReporter:
-    """Step-count lines every `every` steps and at the end of each epoch, not more."""
-
-    def __init__(self, epochs: int, steps_per_epoch: int, every: int):
-        self.epochs, self.steps_per_epoch, self.every = epochs, steps_per_epoch, every
-
-    def step_done(self, epoch: int, step: int, epoch_steps: list[float]) -> None:
-        last = step + 1 == self.steps_per_epoch
-        if not last and not (self.every and (step + 1) % self.every == 0):
-            return
-        recent = sorted(epoch_steps[-self.every or None:])
-        median = recent[len(recent) // 2] * 1000
-        progress(f"epoch {epoch + 1}/{self.epochs} step {step + 1}/{self.steps_per_epoch}, {median:.1f} ms/step")
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def train_config(spec: dict, path: str):
+def train_config(spec: dict, path: str, **changes):
     from model.config import TrainConfig
 
     # TrainConfig's defaults (lr, seed, augmentation, split) but no checkpoints.
-    return TrainConfig(epochs=spec["epochs"], batch_size=spec["batch_size"], limit_train_batches=spec["limit_train_batches"],
-                       output_dir=None, **KERAS_PATHS.get(path, {}))
-
-
-def datamodule_for(config, datamodule_class):
-    """The data module prepare_run builds for `config` (every data-module field taken from
-    the config field of the same name; `path` from `data`), so the framework path trains
-    on the same batches even as the data module gains fields."""
-    names = [field.name for field in dataclasses.fields(datamodule_class)]
-    values = {name: getattr(config, "data" if name == "path" else name) for name in names}
-    return datamodule_class(**values)
+    return TrainConfig(batch_size=spec["batch_size"], output_dir=None, **KERAS_PATHS.get(path, {}), **changes)
 
 
 def limit_test_images(datamodule, count: int | None) -> None:
-    """Keep the first `count` test images (None: all 10,000); quick mode's accuracy is
-    a sanity check, and on a CPU evaluating all of them costs seconds per cell."""
+    """Keep the first `count` test images (None: all 10,000)."""
     if count:
         datamodule.x_test, datamodule.y_test = datamodule.x_test[:count], datamodule.y_test[:count]
 
 
-def data_settings(datamodule) -> dict:
-    """The data module's fields: equal on every path of a backend, or the batches differ."""
-    return {field.name: getattr(datamodule, field.name) for field in dataclasses.fields(datamodule)}
+def measure_training_cell(spec: dict) -> dict:
+    from benchmarks import window
+    from benchmarks.floor import measure_floor
+
+    model_shape = tuple(spec["model_shape"])
+    floor_before = measure_floor(spec["backend"], model_shape, min_seconds=spec["floor_min_seconds"])
+    progress(f"floor before: {floor_before['sgemm_gflops_model_shape']:.0f} GFLOP/s sgemm at {model_shape}")
+    run = window.run_framework_path if spec["path"] == "framework" else window.run_keras_path
+    result = run(spec, train_config(spec, spec["path"]), progress)
+    floor_after = measure_floor(spec["backend"], model_shape, min_seconds=spec["floor_min_seconds"])
+    return {**result, "floor_before": floor_before, "floor_after": floor_after}
 
 
-def run_keras_path(spec: dict) -> dict:
-    """train.py's own code: prepare_run(config) then trainer.fit, then trainer.test."""
-    started_import = time.perf_counter()
+def measure_time_to_accuracy(spec: dict) -> dict:
+    """train.py's recipe (prepare_run, Trainer.fit) with --target-accuracy, no checkpoints:
+    seconds from this process's launch until the first epoch end whose test accuracy
+    reaches the target, the time of the per-epoch test checks left out."""
     import keras
 
-    from backends import backend_module
-    from benchmarks.initial_weights import weights_digest
+    from model.target_accuracy import StopAtTargetAccuracy
     from model.training import prepare_run
 
-    progress(f"imported keras {keras.__version__} on {keras.backend.backend()} in {time.perf_counter() - started_import:.1f} s")
-    backend = backend_module()
-    config = train_config(spec, spec["path"])
+    config = train_config(spec, "keras-fit", target_accuracy=spec["target_accuracy"],
+                          limit_train_batches=spec["limit_train_batches"])
     module, datamodule, trainer = prepare_run(config)
     if not spec["validate"]:
-        # No reported figure depends on the per-epoch validation pass (step times and
-        # epoch_s leave it out); quick mode drops it to save its compilation.
         datamodule.x_val, datamodule.y_val = datamodule.x_val[:0], datamodule.y_val[:0]
     limit_test_images(datamodule, spec["test_images"])
-    initial_digest = weights_digest(module.network.get_weights())
-    reporter = ProgressReporter(config.epochs, datamodule.steps_per_epoch, spec["progress_every"])
-
-    class FirstStepAndProgress(keras.callbacks.Callback):
-        # Added after the trainer's own callbacks, so the NaN guard has already synced
-        # the device (it reads the loss) when this reads the clock.
-        first_step_end = None
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-
-        def on_train_batch_end(self, batch, logs=None):
-            if self.first_step_end is None:
-                self.first_step_end = time.perf_counter()
-                progress(f"first step (tracing/compilation included) after {self.first_step_end - fit_started:.2f} s")
-            reporter.step_done(self.epoch, batch, trainer.timer.step_seconds[-1])
-
-    watcher = FirstStepAndProgress()
-    trainer.callbacks.append(watcher)
-    trainer.verbose = 0  # a progress bar per step is terminal I/O, not the training being measured
-    fit_started = time.perf_counter()
-    module = trainer.fit(module, datamodule)
-    test_started = time.perf_counter()
-    test = trainer.test(module, datamodule)
-    device = backend.device_name()
+    checker = next(c for c in trainer.callbacks if isinstance(c, StopAtTargetAccuracy))
+    checker.images, checker.labels, checker.log = datamodule.x_test, datamodule.y_test, progress
+    trainer.verbose = 0
+    trainer.fit(module, datamodule)
+    records, reached = checker.records, checker.reached_epoch
+    launched = spec["launched_perf"]
+    counted = records[: reached or len(records)]
+    evaluation_s = sum(record["evaluation_s"] for record in counted[:-1])
     return {
-        "phase_s": {"setup": fit_started - started_import, "fit": test_started - fit_started,
-                    "test": time.perf_counter() - test_started},
-        "first_step_s": watcher.first_step_end - fit_started,
-        "step_seconds": trainer.timer.step_seconds,
-        "test_accuracy": test["test_accuracy"],
-        # Keras logs an epoch's loss as the mean over its batches, weighted by batch size.
-        "train_loss_last_epoch": trainer.history[-1].get("loss") if trainer.history else None,
-        "optimizer": {"lr": config.lr, "decay_steps": module.decay_steps,
-                      "ema_momentum": getattr(config, "ema_momentum", None)},
-        "peak_device_mb": backend.peak_device_memory_mb(),
-        "device_name": device,
+        "target_accuracy": spec["target_accuracy"],
+        "reached_target": reached is not None,
+        "seconds_to_target": counted[-1]["epoch_end"] - launched - evaluation_s if reached else None,
+        "epochs_to_target": reached,
+        "test_accuracy": records[-1]["test_accuracy"],
+        "evaluation_s": sum(record["evaluation_s"] for record in records),
+        "epochs": [{key: record[key] for key in ("epoch", "test_accuracy", "evaluation_s")} for record in records],
+        "epoch_s_measured": trainer.timer.epoch_seconds,
         "steps_per_epoch": datamodule.steps_per_epoch,
-        "initial_weights": initial_digest,
-        "data": data_settings(datamodule),
+        "test_images": len(datamodule.y_test),
         "keras_version": keras.__version__,
     }
 
 
-def keras_modules() -> set[str]:
-    return {name for name in sys.modules if name == "keras" or name.startswith("keras.")}
+def measure_predict_cell(spec: dict) -> dict:
+    from benchmarks import inference
+    from model.data import load_mnist, scale_images
 
-
-def run_framework_path(spec: dict) -> dict:
-    """The hand-written baseline: the same initial weights, Adam, cosine schedule and
-    batches as the Keras paths, with no keras import."""
-    started_import = time.perf_counter()
-    # TensorFlow imports parts of keras by itself; what counts is what this path adds.
-    importlib.import_module(spec["backend"])
-    keras_from_framework = keras_modules()
-    from benchmarks.framework import load_baseline
-    from benchmarks.initial_weights import seeded_cnn_weights, weights_digest
-    from model.data import MNISTDataModule
-
-    baseline_module = load_baseline(spec["backend"])
-    progress(f"imported the {spec['backend']} baseline in {time.perf_counter() - started_import:.1f} s")
-    config = train_config(spec, "framework")
-    datamodule = datamodule_for(config, MNISTDataModule).setup()
-    limit_test_images(datamodule, spec["test_images"])
-    weights = seeded_cnn_weights(config.seed)
-    reporter = ProgressReporter(config.epochs, datamodule.steps_per_epoch, spec["progress_every"])
-
-    optimizer = {"lr": config.lr, "decay_steps": config.epochs * datamodule.steps_per_epoch}
-    ema_momentum = getattr(config, "ema_momentum", None)
-    if ema_momentum is not None and "ema_momentum" in inspect.signature(baseline_module.build).parameters:
-        optimizer["ema_momentum"] = ema_momentum
-
-    build_started = time.perf_counter()
-    baseline = baseline_module.build(weights, **optimizer)
-    first_step_end, step_seconds = None, []
-    for epoch in range(config.epochs):
-        step_seconds.append([])
-        loss_sum, samples = 0.0, 0
-        last = time.perf_counter()
-        for step, (images, labels) in enumerate(datamodule.train_batches(epoch)):
-            loss = baseline.train_step(images, labels)
-            # A CPU-GPU sync point before the clock read; reading the loss on the host is
-            # what the Keras paths' NaN guard does every step too.
-            baseline.synchronize(loss)
-            value = baseline.loss_value(loss)
-            now = time.perf_counter()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at epoch {epoch + 1}, step {step + 1}")
-            step_seconds[-1].append(now - last)
-            last = now
-            loss_sum, samples = loss_sum + value * len(labels), samples + len(labels)
-            if first_step_end is None:
-                first_step_end = now
-                progress(f"first step (tracing/compilation included) after {first_step_end - build_started:.2f} s")
-            reporter.step_done(epoch, step, step_seconds[-1])
-    keras_added = sorted(keras_modules() - keras_from_framework)
-    test_started = time.perf_counter()
-    predictions = baseline.predict(datamodule.x_test)
-    test_accuracy = float((predictions.argmax(axis=-1) == datamodule.y_test).mean())
-    return {
-        "phase_s": {"setup": build_started - started_import, "fit": test_started - build_started,
-                    "test": time.perf_counter() - test_started},
-        "first_step_s": first_step_end - build_started,
-        "step_seconds": step_seconds,
-        "test_accuracy": test_accuracy,
-        "train_loss_last_epoch": loss_sum / samples if samples else None,
-        "optimizer": {"ema_momentum": None, **optimizer},
-        "peak_device_mb": baseline.peak_device_memory_mb(),
-        "device_name": baseline.device_name(),
-        "steps_per_epoch": datamodule.steps_per_epoch,
-        "initial_weights": weights_digest(weights),
-        "data": data_settings(datamodule),
-        "keras_imported_by_path": bool(keras_added),
-        "keras_modules_added": keras_added[:5],
-    }
-
-
-# ----------------------------------------------------------------------------- cell
+    (_, _), (x_test, _) = load_mnist()
+    counts = {int(size): count for size, count in spec["calls"].items()}
+    warmup = {int(size): count for size, count in spec["warmup"].items()}
+    if spec["backend"] == ONNX_RUNTIME:
+        row = inference.onnx_inference(spec["onnx"], scale_images(x_test), warmup, counts)
+    else:
+        row = inference.keras_inference(spec["model"], scale_images(x_test), warmup, counts)
+    return inference.summarize_row(row)
 
 
 def measure_cell(spec: dict) -> dict:
     from backends import framework_flags_in_effect
+    from benchmarks.machine import framework_threads
 
     backend, device, path = spec["backend"], spec["device"], spec["path"]
-    started = time.perf_counter()
+    if backend == ONNX_RUNTIME:
+        check_framework_installed(backend, "export")
+        return {"status": "ok", "reason": None, **measure_predict_cell(spec), "peak_rss_mb": peak_rss_mb()}
     check_framework_installed(backend)
     if device == "gpu":
         check_gpu_visible(backend)
-    raw = run_framework_path(spec) if path == "framework" else run_keras_path(spec)
-    if device == "gpu" and not any(word in raw["device_name"].lower() for word in ("gpu", "cuda", "rocm")):
+    measure = {TIME_TO_ACCURACY: measure_time_to_accuracy, PREDICT: measure_predict_cell}.get(path, measure_training_cell)
+    raw = measure(spec)
+    device_name = raw.get("device_name") or framework_device_name(backend)
+    if device == "gpu" and not any(word in device_name.lower() for word in ("gpu", "cuda", "rocm")):
         # The framework saw a GPU but ran on something else: not a GPU measurement.
-        raise CellSkipped(f"{backend} ran on {raw['device_name']!r}, not a GPU")
-    step_seconds = raw.pop("step_seconds")
-    timed = timed_step_seconds(step_seconds, spec["warmup_steps"])
-    if not timed:
-        raise RuntimeError(f"no steps left to time: {sum(map(len, step_seconds))} steps, {spec['warmup_steps']} of them warm-up")
-    result = {
+        raise CellSkipped(f"{backend} ran on {device_name!r}, not a GPU")
+    return {
         "status": "ok",
         "reason": None,
-        "first_step_s": raw.pop("first_step_s"),
-        **step_statistics(timed, spec["batch_size"]),
-        "epoch_s": epoch_seconds(step_seconds),
-        "test_accuracy": raw.pop("test_accuracy"),
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_device_mb": raw.pop("peak_device_mb") if device == "gpu" else None,
-        "warmup_steps": spec["warmup_steps"],
-        "test_images": spec["test_images"] or 10_000,
-        "epochs": len(step_seconds),
         **raw,
+        "device_name": device_name,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": framework_threads(backend),
         "tf32": tf32_settings(backend),
         "framework_flags": framework_flags_in_effect(backend),
         **framework_runtime(backend),
     }
-    return result
+
+
+def framework_device_name(backend: str) -> str:
+    from backends import backend_module
+
+    return backend_module(backend).device_name()
 
 
 def die_with_parent() -> None:
@@ -406,6 +273,8 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     spec_path, result_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
+    # This process's launch on the clock the cell measures with (time-to-accuracy counts from it).
+    spec["launched_perf"] = time.perf_counter() - (time.time() - spec.get("launched_at", time.time()))
     from model.checkpoint import write_json
 
     try:

@@ -1,9 +1,10 @@
-"""Tables and charts drawn from benchmark results files, never typed by hand.
+"""The report of one or more results files, drawn from the JSON alone, never typed by hand.
 
-`load_runs(paths)` reads one or more results JSON files, `merge_cells(runs)` puts their
-cells together (a CPU run and a GPU run, say), `add_ratios(cells)` derives the two
-ratio columns, `markdown_report(runs, cells)` is the table and `draw_chart(cells, path)`
-the PNG. benchmarks/compare.py calls these after a run and again for `--report FILE...`.
+`load_runs(paths)` reads and checks results files; `merge_cells(runs)` puts the rounds of
+the same cell (machine, backend, device, path, batch size) from every file together and
+summarizes them again (benchmarks/summary.py); `markdown_report` writes a headline
+sentence, the headline table, the inference table and the details; `draw_chart` the PNG.
+benchmarks/compare.py calls these after a run and again for `--report FILE...`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,20 @@ import math
 import os
 from pathlib import Path
 
-from benchmarks.measure import DEVICES, PATHS
+from benchmarks.measure import DEVICES, KERAS_PATHS, ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY
+from benchmarks.summary import IDENTITY, summarize_cells
 from model.config import BACKENDS
+
+HEADLINE_PATH = "keras-fit"
+STOCK_PATH = "keras-fit-stock"
+# What an ok round of each kind must hold, as numbers (or null where a figure may be missing).
+ROUND_NUMBERS = {
+    "training": ("step_ms_mean", "images_per_s", "compile_s", "data_s_per_epoch", "epoch_s"),
+    TIME_TO_ACCURACY: ("target_accuracy", "test_accuracy", "evaluation_s", "seconds_to_target", "epochs_to_target"),
+    PREDICT: ("latency_ms_median", "latency_ms_p99", "throughput_images_per_s"),
+}
+# Those that may be null: an epoch time not measured, a target not reached.
+NULLABLE_NUMBERS = {"epoch_s", "seconds_to_target", "epochs_to_target"}
 
 
 class ResultsFileError(Exception):
@@ -24,8 +37,21 @@ class ResultsFileError(Exception):
 # ----------------------------------------------------------------------------- loading
 
 
+def check_round(path: Path, index: int, cell: dict, result: dict) -> None:
+    if not isinstance(result, dict) or "status" not in result or "round" not in result:
+        raise ResultsFileError(f"{str(path)!r}: cell {index} has a round without 'status' and 'round'")
+    if result["status"] != "ok":
+        return
+    kind = "training" if cell["path"] in PATHS else cell["path"]
+    for field in ROUND_NUMBERS.get(kind, ()):
+        value = result.get(field)
+        if not (value is None and field in NULLABLE_NUMBERS) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ResultsFileError(f"{str(path)!r}: cell {index} ({cell['backend']} {cell['path']}), round "
+                                   f"{result['round']}: {field} is {value!r}, expected a number; fix or regenerate the file")
+
+
 def load_runs(paths) -> list[dict]:
-    """The results files at `paths`, each checked to be a benchmark run."""
+    """The results files at `paths`, each checked to be a benchmark run of this edition."""
     runs = []
     for path in map(Path, paths):
         try:
@@ -44,6 +70,16 @@ def load_runs(paths) -> list[dict]:
             missing = [field for field in ("backend", "device", "path", "batch_size", "status") if field not in cell]
             if missing:
                 raise ResultsFileError(f"{str(path)!r}: cell {index} lacks {', '.join(missing)}")
+            if not isinstance(cell.get("rounds"), list):
+                raise ResultsFileError(f"{str(path)!r}: cell {index} has no 'rounds' list; it is a first-edition "
+                                       "results file (before rounds), which this report cannot read")
+            for result in cell["rounds"]:
+                check_round(path, index, cell, result)
+        # Rounds are paired by (source, round): two files under one name would pair rounds
+        # of different runs.
+        if any(other["source"] == path.name for other in runs):
+            raise ResultsFileError(f"two results files named {path.name!r} were given; each run's file name is its "
+                                   "time and commit, so pass each run once")
         run["source"] = path.name
         runs.append(run)
     return runs
@@ -53,254 +89,282 @@ def _order(cell: dict) -> tuple:
     def position(values, value):
         return values.index(value) if value in values else len(values)
 
-    return (cell["batch_size"], position(DEVICES, cell["device"]), position(BACKENDS, cell["backend"]),
-            position(PATHS, cell["path"]), cell.get("machine") or "")
+    kinds = (*PATHS, TIME_TO_ACCURACY, PREDICT)
+    return (position(kinds, cell["path"]) >= len(PATHS), cell["batch_size"] or 0, position(DEVICES, cell["device"]),
+            position((*BACKENDS, ONNX_RUNTIME), cell["backend"]), position(kinds, cell["path"]), cell.get("machine") or "")
 
 
 def merge_cells(runs: list[dict]) -> list[dict]:
-    """The cells of all runs, each tagged with its machine, in matrix order. A skipped cell
-    gives way to a cell of the same backend, device, path and batch size that ran in
-    another file: a CPU-only run's skipped GPU cells do not hide a GPU run's."""
-    cells = [{**cell, "machine": run["machine"].get("slug"), "machine_cores": run["machine"].get("cores")}
-             for run in runs for cell in run["cells"]]
-    ran = {(c["backend"], c["device"], c["path"], c["batch_size"]) for c in cells if c["status"] != "skipped"}
-    kept = [c for c in cells if c["status"] != "skipped" or (c["backend"], c["device"], c["path"], c["batch_size"]) not in ran]
-    if len(runs) > 1:
-        # One skipped row per cell is enough when several runs skipped it.
-        seen, unique = set(), []
-        for cell in kept:
-            key = (cell["backend"], cell["device"], cell["path"], cell["batch_size"], cell["status"])
-            if cell["status"] == "skipped" and key in seen:
-                continue
-            seen.add(key)
-            unique.append(cell)
-        kept = unique
-    return sorted(kept, key=_order)
+    """One row per cell of all runs, its rounds from every file (tagged with the file), summarized."""
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        for cell in run["cells"]:
+            row = {**cell, "machine": cell.get("machine") or run["machine"].get("slug")}
+            key = tuple(row[field] for field in IDENTITY)
+            rounds = [{**result, "source": run["source"]} for result in cell["rounds"]]
+            if key in rows:
+                rows[key]["rounds"] += rounds
+            else:
+                rows[key] = {**row, "rounds": rounds, "machine_cores": run["machine"].get("cores")}
+    for row in rows.values():
+        # A cell skipped in one file but run in another keeps only the rounds that ran.
+        if any(r["status"] != "skipped" for r in row["rounds"]):
+            row["rounds"] = [r for r in row["rounds"] if r["status"] != "skipped"]
+    return sorted(summarize_cells(list(rows.values())), key=_order)
 
 
-def add_ratios(cells: list[dict]) -> list[dict]:
-    """Set ratio_to_framework (median step / the framework cell's of the same machine,
-    backend, device and batch size) and ratio_to_fastest (/ the fastest ok cell of the
-    same machine, device and batch size). None where there is nothing to compare with."""
-
-    def median(cell):
-        value = cell.get("step_ms_median")
-        return value if cell["status"] == "ok" and isinstance(value, (int, float)) and value > 0 else None
-
-    frameworks, fastest = {}, {}
-    for cell in cells:
-        if median(cell) is None:
-            continue
-        group = (cell.get("machine"), cell["device"], cell["batch_size"])
-        if cell["path"] == "framework":
-            frameworks[(*group, cell["backend"])] = median(cell)
-        fastest[group] = min(fastest.get(group, math.inf), median(cell))
-    for cell in cells:
-        value = median(cell)
-        group = (cell.get("machine"), cell["device"], cell["batch_size"])
-        framework = frameworks.get((*group, cell["backend"]))
-        cell["ratio_to_framework"] = value / framework if value is not None and framework else None
-        cell["ratio_to_fastest"] = value / fastest[group] if value is not None and group in fastest else None
-    return cells
+# ----------------------------------------------------------------------------- text
 
 
-# ----------------------------------------------------------------------------- table
-
-COLUMNS = ("backend", "device", "path", "batch", "status", "first step s", "step ms median", "p10–p90",
-           "samples/s", "epoch s", "test acc", "peak RSS MB", "peak device MB", "× framework", "× fastest",
-           "steps timed", "note")
-
-
-def _number(value, digits: int = 2, thousands: bool = False) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if thousands:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}f}"
-
-
-def _milliseconds(value) -> str:
+def _ms(value) -> str:
     if value is None:
         return "–"
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def _escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def _interval(value, ci, number=_ms, suffix="") -> str:
+    if value is None:
+        return "–"
+    text = f"{number(value)}{suffix}"
+    return text + (f" [{number(ci[0])}–{number(ci[1])}]" if ci else "")
 
 
-def optimizer_differences(cells: list[dict]) -> dict[int, str]:
-    """Cell index -> a note, for ok cells whose optimizer settings differ from the
-    keras-fit cell's of the same machine, backend, device and batch size: their step
-    times and accuracies then compare different work."""
-
-    def group(cell):
-        return cell.get("machine"), cell["backend"], cell["device"], cell["batch_size"]
-
-    reference = {group(c): c["optimizer"] for c in cells
-                 if c["status"] == "ok" and c["path"] == "keras-fit" and c.get("optimizer")}
-    notes = {}
-    for index, cell in enumerate(cells):
-        expected, actual = reference.get(group(cell)), cell.get("optimizer")
-        if cell["status"] == "ok" and expected and actual and actual != expected:
-            keys = sorted(set(expected) | set(actual))
-            notes[index] = "optimizer differs: " + ", ".join(
-                f"{key} {actual.get(key)} (keras-fit: {expected.get(key)})" for key in keys if actual.get(key) != expected.get(key))
-    return notes
+def _ratio(row: dict) -> str:
+    if row.get("ratio_to_framework") is None:
+        return "–"
+    text = _interval(row["ratio_to_framework"], row.get("ratio_to_framework_ci95"), lambda v: f"{v:.2f}", "×")
+    return f"{text} {row['ratio_significance']}".strip()
 
 
-def busy_machine_note(cell: dict) -> str | None:
-    """A note when the 1-minute load average around a cell exceeded the machine's cores by
-    more than the cell's own share: other work then competed with it, and its times (torch's
-    above all, whose threads wait on each other) are not to be trusted."""
-    loads = [value for value in (cell.get("load_average") or []) if value is not None]
-    cores = cell.get("machine_cores")
-    if cell["status"] != "ok" or not loads or not cores or max(loads) <= cores + 0.5:
-        return None
-    return f"busy machine: load {max(loads):.1f} on {cores} cores"
+def _cell(rows, backend, device, path, machine=None) -> dict | None:
+    return next((r for r in rows if (r["backend"], r["device"], r["path"]) == (backend, device, path)
+                 and r["status"] == "ok" and (machine is None or r.get("machine") == machine)), None)
 
 
-def table_row(cell: dict, show_machine: bool = False, note: str | None = None) -> list[str]:
-    """One Markdown row; a failed or skipped cell shows dashes and its reason."""
-    ok = cell["status"] == "ok"
-    spread = f"{_milliseconds(cell.get('step_ms_p10'))}–{_milliseconds(cell.get('step_ms_p90'))}" if ok else "–"
-    ratio = lambda value: f"{value:.2f}×" if value is not None else "–"  # noqa: E731
-    row = [
-        cell["backend"], cell["device"], cell["path"], str(cell["batch_size"]), cell["status"],
-        _number(cell.get("first_step_s")), _milliseconds(cell.get("step_ms_median")) if ok else "–", spread,
-        _number(cell.get("samples_per_s"), thousands=True), _number(cell.get("epoch_s"), 1),
-        _number(cell.get("test_accuracy"), 4), _number(cell.get("peak_rss_mb"), thousands=True),
-        _number(cell.get("peak_device_mb"), thousands=True), ratio(cell.get("ratio_to_framework")),
-        ratio(cell.get("ratio_to_fastest")), str(cell.get("timed_steps") or "–"), _escape(cell.get("reason") or note or ""),
-    ]
-    return ([cell.get("machine") or "–"] if show_machine else []) + row
+def _overlap(a: dict, b: dict) -> bool:
+    """Whether two step-time CIs overlap (or one is missing): then the gap is not significant."""
+    ca, cb = a.get("step_ms_ci95"), b.get("step_ms_ci95")
+    return not ca or not cb or (ca[0] <= cb[1] and cb[0] <= ca[1])
 
 
-def markdown_table(cells: list[dict]) -> str:
-    show_machine = len({cell.get("machine") for cell in cells}) > 1
-    columns = (["machine"] if show_machine else []) + list(COLUMNS)
-    numeric = {"batch", "first step s", "step ms median", "p10–p90", "samples/s", "epoch s", "test acc", "peak RSS MB",
-               "peak device MB", "× framework", "× fastest", "steps timed"}
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---:" if column in numeric else "---" for column in columns) + "|"]
-    notes = optimizer_differences(cells)
-    for index, cell in enumerate(cells):
-        note = "; ".join(filter(None, (notes.get(index), busy_machine_note(cell))))
-        lines.append("| " + " | ".join(table_row(cell, show_machine, note)) + " |")
-    return "\n".join(lines)
+def headline_sentence(rows: list[dict]) -> str:
+    parts = []
+    machines = list(dict.fromkeys(r.get("machine") for r in rows))
+    for machine, device in ((m, d) for m in machines for d in DEVICES):
+        fits = sorted((r for r in rows if (r.get("machine"), r["device"], r["path"]) == (machine, device, HEADLINE_PATH)
+                       and r["status"] == "ok"), key=lambda r: r["step_ms_median"])
+        if not fits:
+            continue
+        fastest = fits[0]
+        where = f"{device.upper()}" + (f" ({machine})" if len(machines) > 1 else "")
+        text = f"on {where}, {fastest['backend']} trains fastest through Keras fit ({_ms(fastest['step_ms_median'])} ms/step)"
+        if len(fits) > 1:
+            runner = fits[1]
+            verdict = "not significant: their CIs overlap" if _overlap(fastest, runner) else "significant: their CIs do not overlap"
+            text += f", ahead of {runner['backend']} ({_ms(runner['step_ms_median'])} ms; {verdict})"
+        significant = [r["backend"] for r in fits if r.get("ratio_significance") == ""]
+        unclear = [r["backend"] for r in fits if r.get("ratio_significance") == "n.s."]
+        if significant or unclear:
+            text += "; Keras' overhead over the hand-written loop is " + " and ".join(filter(None, (
+                f"significant on {', '.join(significant)}" if significant else "",
+                f"not significant on {', '.join(unclear)}" if unclear else "")))
+        parts.append(text)
+    if not parts:
+        return "No Keras fit cell ran."
+    sentence = "; ".join(parts) + "."
+    return sentence[0].upper() + sentence[1:]
+
+
+def _table(columns: list[str], lines: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"]
+    return out + ["| " + " | ".join(str(value).replace("|", "\\|") for value in line) + " |" for line in lines]
+
+
+def _target_label(rows: list[dict]) -> str:
+    targets = {r.get("target_accuracy") for r in rows if r["path"] == TIME_TO_ACCURACY and r.get("target_accuracy")}
+    return f"time to {min(targets) * 100:g}%" if len(targets) == 1 else "time to target"
+
+
+def headline_table(rows: list[dict]) -> list[str]:
+    """One row per backend and device (and machine, when the report merges several)."""
+    machines = list(dict.fromkeys(r.get("machine") for r in rows))
+    lines = []
+    for machine, device, backend in ((m, d, b) for m in machines for d in DEVICES for b in BACKENDS):
+        fit, framework = _cell(rows, backend, device, HEADLINE_PATH, machine), _cell(rows, backend, device, "framework", machine)
+        tta = _cell(rows, backend, device, TIME_TO_ACCURACY, machine)
+        if not (fit or framework or tta):
+            continue
+        seconds = "–"
+        if tta:
+            seconds = (f"{tta['seconds_to_target']:.0f} s ({tta['epochs_to_target']:g} epochs)"
+                       if tta.get("seconds_to_target") is not None else f"not reached ({tta['test_accuracy']:.4f})")
+        floor = f"{fit['pct_of_floor']:.0f}%" if fit and fit.get("pct_of_floor") is not None else "–"
+        lines.append([*([machine] if len(machines) > 1 else []), backend, device,
+                      _interval(fit["step_ms_median"], fit.get("step_ms_ci95")) if fit else "–",
+                      _interval(framework["step_ms_median"], framework.get("step_ms_ci95")) if framework else "–",
+                      _ratio(fit) if fit else "–", floor, seconds])
+    columns = [*(["machine"] if len(machines) > 1 else []), "backend", "device", "Keras fit ms/step [95% CI]",
+               "hand-written ms/step [95% CI]", "Keras overhead [95% CI]", "% of floor", _target_label(rows)]
+    return _table(columns, lines) if lines else ["No training cell ran."]
+
+
+def inference_table(rows: list[dict]) -> list[str]:
+    lines = [[row["backend"], row["device"], _interval(row["latency_ms_median"], row.get("latency_ms_ci95")),
+              _ms(row["latency_ms_p99"]),
+              _interval(row["throughput_images_per_s"], row.get("throughput_images_per_s_ci95"), lambda v: f"{v:,.0f}")]
+             for row in rows if row["path"] == PREDICT and row["status"] == "ok"]
+    columns = ["runtime", "device", "batch-1 latency ms [95% CI]", "batch-1 p99 ms", "batch-1024 images/s [95% CI]"]
+    return _table(columns, lines) if lines else ["No predict cell ran."]
+
+
+def _number(value, digits=1) -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:,.{digits}f}"
+
+
+def details_table(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["status"] == "skipped" or row["path"] not in PATHS:
+            continue
+        notes = [row.get("reason") or ""]
+        if row.get("floor_drifted"):
+            notes.append(f"floor drifted {row['floor_drift'] * 100:.0f}% during a window")
+        lines.append([row["backend"], row["device"], row["path"], row["batch_size"], f"{row['rounds_ok']}/{row['rounds_run']}",
+                      _interval(row.get("step_ms_median"), row.get("step_ms_ci95")), _ms(row.get("step_ms_p90")),
+                      _number(row.get("images_per_s"), 0), _number(row.get("compile_s"), 2),
+                      _number(row.get("data_s_per_epoch"), 2), _number(row.get("epoch_s")),
+                      _number(row.get("floor_gflops"), 0), _number(row.get("achieved_gflops"), 0),
+                      _number(row.get("pct_of_floor")), _ratio(row), "; ".join(filter(None, notes))])
+    columns = ["backend", "device", "path", "batch", "rounds ok", "step ms [95% CI]", "p90 ms", "images/s", "compile s",
+               "data s/epoch", "epoch s", "floor GFLOP/s", "achieved GFLOP/s", "% of floor", "× framework [95% CI]", "note"]
+    return _table(columns, lines) if lines else []
+
+
+def time_to_accuracy_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["path"] == TIME_TO_ACCURACY and row["status"] == "ok":
+            reached = (f"{row['seconds_to_target']:.1f} s after {row['epochs_to_target']:g} epochs"
+                       if row.get("seconds_to_target") is not None else "not reached")
+            lines.append(f"- {row['backend']} {row['device']}: test accuracy {row['target_accuracy']} {reached} "
+                         f"({row['rounds_reached']} of {row['rounds_ok']} rounds; final {row['test_accuracy']:.4f}; "
+                         f"per-epoch checks took {row['evaluation_s']:.1f} s, left out)")
+    return lines
+
+
+def skipped_lines(rows: list[dict]) -> list[str]:
+    """One line per backend, device and reason, however many cells it covers."""
+    groups: dict[tuple, list[str]] = {}
+    for row in rows:
+        if row["status"] != "ok" and not (row["status"] == "failed" and row["path"] in PATHS):
+            groups.setdefault((row["backend"], row["device"], row["status"], row.get("reason")), []).append(row["path"])
+    return [f"- {backend} {device} ({', '.join(paths)}): {status}: {reason}"
+            for (backend, device, status, reason), paths in groups.items()]
 
 
 def run_description(run: dict) -> list[str]:
     machine, commit, settings = run["machine"], run.get("commit") or {}, run.get("settings") or {}
-    gpu = f"{machine['gpu']} (driver {machine.get('gpu_driver')})" if machine.get("gpu") else "no GPU"
     dirty = " (dirty)" if commit.get("dirty") else ""
-    limit = settings.get("limit_train_batches")
-    shape = (f"{settings.get('epochs')} epoch(s) of {'the full training split' if not limit else f'{limit} batches'}, "
-             f"test accuracy on {settings.get('test_images') or 'all 10,000'} test images")
     versions = ", ".join(f"{name} {version}" for name, version in (run.get("versions") or {}).items() if version)
-    loads = [value for cell in run["cells"] for value in (cell.get("load_average") or []) if value is not None]
-    load = f", 1-minute load average {min(loads):.1f}–{max(loads):.1f} while cells ran" if loads else ""
-    flags = sorted({(cell["backend"], variable, value) for cell in run["cells"]
-                    for variable, value in (cell.get("framework_flags") or {}).items() if value})
-    lines = [
-        f"- results: `{run.get('source', '?')}`, {settings.get('mode', '?')} mode ({shape}, "
-        f"first {settings.get('warmup_steps')} steps warm-up), {run.get('datetime', '?')}",
-        f"- machine: `{machine.get('slug')}`: {machine.get('cpu')}, {machine.get('cores')} cores, "
-        f"{machine.get('ram_gb')} GB RAM, {gpu}{load}",
-        f"- commit: {commit.get('short') or commit.get('id') or '?'}{dirty}; versions: {versions}",
+    steal = machine.get("steal_pct")
+    return [
+        f"- results: `{run.get('source', '?')}`, {settings.get('mode', '?')} mode, {settings.get('rounds')} rounds "
+        f"(order seed {settings.get('order_seed')}), window {settings.get('warmup_steps')} + {settings.get('window_steps')} "
+        f"steps, {run.get('datetime', '?')}, {settings.get('wall_s', '?')} s",
+        f"- machine: `{machine.get('slug')}`: {machine.get('cpu')}, {machine.get('cores')} cores, ISA {machine.get('isa')}, "
+        f"{machine.get('ram_gb')} GB RAM, hypervisor {machine.get('hypervisor')}, "
+        f"steal {'–' if steal is None else f'{steal:.1f}%'} over the run",
+        f"- commit: {commit.get('short') or '?'}{dirty}; versions: {versions}",
     ]
-    if flags:
-        lines.append("- framework flags: " + "; ".join(f"{backend} `{variable}={value}`" for backend, variable, value in flags))
-    return lines
 
 
 LEGEND = (
-    "Step time: from the end of one training step to the end of the next (data preparation "
-    "included), the device synced before every clock read, warm-up steps left out; p10–p90 is "
-    "the spread. epoch s: the second epoch's training steps (validation excluded). "
-    "× framework: median step over the hand-written framework baseline's on the same backend, "
-    "device and batch size; × fastest: over the fastest ok cell of the same device and batch size."
+    "Keras fit ms/step: median across rounds of one clean window's mean step (full batches inside "
+    "one prepared epoch, the device synced before every clock read), with its 95% bootstrap CI. "
+    "Keras overhead: Keras fit's step over the hand-written framework loop's, per round from the pair "
+    "that ran side by side, then the median and 95% CI; n.s. where the CI holds 1.0. % of floor: "
+    "achieved GFLOP/s (training FLOPs per image x images/s) over the framework's own sgemm GFLOP/s at "
+    "the model's largest matmul, measured in the cell's process. Time to target: wall seconds from "
+    "the process start until the test accuracy checked at an epoch end first reached it, the checks "
+    "left out. Few rounds give coarse CIs (benchmarks/confidence.py)."
 )
 
 
-def markdown_report(runs: list[dict], cells: list[dict]) -> str:
-    lines = ["# MNIST CNN: Keras paths vs hand-written framework baselines", ""]
+def markdown_report(runs: list[dict], rows: list[dict]) -> str:
+    lines = ["# MNIST CNN: Keras paths vs hand-written loops, time to accuracy, inference", "",
+             headline_sentence(rows), "", *headline_table(rows), "", "## Inference", "", *inference_table(rows), "",
+             "## Details", ""]
     for run in runs:
         lines += run_description(run)
-    lines += ["", markdown_table(cells), "", LEGEND, ""]
-    return "\n".join(lines)
+    lines += ["", *details_table(rows), "", *time_to_accuracy_lines(rows)]
+    skipped = skipped_lines(rows)
+    if skipped:
+        lines += ["", "Not run, or failed:", *skipped]
+    return "\n".join([*lines, "", LEGEND, ""])
 
 
 # ----------------------------------------------------------------------------- chart
 
 
-def draw_chart(cells: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Median step time (p10–p90 whiskers) per backend and path, CPU and GPU side by side,
-    one row per batch size, and test accuracy per backend in a last panel."""
+def _points(axis, rows: list[dict], paths: list[str], value: str, ci: str, label: str) -> None:
+    """One point per backend (and device) and path, with its CI as error bars."""
+    import numpy as np
+
+    keys = list(dict.fromkeys((r["backend"], r["device"]) for r in rows))
+    for index, path in enumerate(paths):
+        offset = (index - (len(paths) - 1) / 2) * 0.8 / max(len(paths), 1)
+        legend = path
+        for position, key in enumerate(keys):
+            row = next((r for r in rows if (r["backend"], r["device"]) == key and r["path"] == path), None)
+            if row is None or row.get(value) is None:
+                continue
+            low, high = row.get(ci) or [row[value], row[value]]
+            axis.errorbar(position + offset, row[value], yerr=[[row[value] - low], [high - row[value]]],
+                          fmt="o", capsize=3, color=f"C{index}", label=legend)
+            legend = None  # one legend entry per path
+    axis.set_xticks(np.arange(len(keys)), [f"{b}\n{d}" for b, d in keys])
+    axis.set_ylabel(label)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+
+
+def draw_chart(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Step time per backend and path (points, 95% CI bars); a forest plot of Keras overhead
+    with a line at 1.0; stock pooling in a panel of its own. Panels without data are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from model.checkpoint import atomic_write
 
-    batch_sizes = sorted({cell["batch_size"] for cell in cells}) or [0]
-    backends = [b for b in BACKENDS if any(c["backend"] == b for c in cells)] or list(BACKENDS)
-    paths = [p for p in PATHS if any(c["path"] == p for c in cells)] or list(PATHS)
-    colors = dict(zip(PATHS, ("tab:blue", "tab:orange", "tab:green", "tab:gray")))
-    figure, axes = plt.subplots(len(batch_sizes), 3, figsize=(16, 4.2 * len(batch_sizes)), squeeze=False)
-    width = 0.8 / len(paths)
-    x = np.arange(len(backends))
-    for row, batch_size in enumerate(batch_sizes):
-        for column, device in enumerate(DEVICES):
-            axis = axes[row][column]
-            ok = [c for c in cells if c["device"] == device and c["batch_size"] == batch_size and c["status"] == "ok"]
-            axis.set_title(f"{device.upper()} step time, batch {batch_size}")
-            if not ok:
-                reasons = sorted({c["reason"] for c in cells if c["device"] == device and c["batch_size"] == batch_size
-                                  and c.get("reason")})
-                note = "no cells ran" + (f":\n{reasons[0][:70]}" if reasons else "")
-                axis.text(0.5, 0.5, note, ha="center", va="center", transform=axis.transAxes, wrap=True)
-                axis.set_xticks([])
-                axis.set_yticks([])
-                continue
-            for index, path_name in enumerate(paths):
-                medians, low, high = [], [], []
-                for backend in backends:
-                    match = [c for c in ok if c["backend"] == backend and c["path"] == path_name]
-                    cell = match[0] if match else None
-                    medians.append(cell["step_ms_median"] if cell else np.nan)
-                    low.append(cell["step_ms_median"] - cell["step_ms_p10"] if cell else 0)
-                    high.append(cell["step_ms_p90"] - cell["step_ms_median"] if cell else 0)
-                positions = x + (index - (len(paths) - 1) / 2) * width
-                axis.bar(positions, medians, width, yerr=[low, high], capsize=2, label=path_name,
-                         color=colors.get(path_name))
-            axis.set_xticks(x, backends)
-            axis.set_ylabel("median step (ms)")
-            axis.grid(axis="y", alpha=0.3)
-            axis.legend(fontsize=8)
-        axis = axes[row][2]
-        axis.set_title(f"test accuracy, batch {batch_size}")
-        ok = [c for c in cells if c["batch_size"] == batch_size and c["status"] == "ok" and c.get("test_accuracy") is not None]
-        series = [(device, path_name) for device in DEVICES for path_name in paths
-                  if any(c["device"] == device and c["path"] == path_name for c in ok)]
-        bar_width = 0.8 / max(len(series), 1)
-        for index, (device, path_name) in enumerate(series):
-            values = []
-            for backend in backends:
-                match = [c for c in ok if c["backend"] == backend and c["device"] == device and c["path"] == path_name]
-                values.append(match[0]["test_accuracy"] if match else np.nan)
-            positions = x + (index - (len(series) - 1) / 2) * bar_width
-            axis.bar(positions, values, bar_width, label=f"{path_name} ({device})", color=colors.get(path_name),
-                     hatch="//" if device == "gpu" else None, edgecolor="white")
-        if ok:
-            lowest = min(c["test_accuracy"] for c in ok)
-            axis.set_ylim(max(0.0, lowest - 0.05), 1.0)
-            axis.legend(fontsize=7)
-        axis.set_xticks(x, backends)
-        axis.set_ylabel("test accuracy")
-        axis.grid(axis="y", alpha=0.3)
+    ok = [r for r in rows if r["status"] == "ok" and r["path"] in PATHS]
+    main_paths = [p for p in PATHS if p != STOCK_PATH and any(r["path"] == p for r in ok)]
+    ratios = [r for r in ok if r["path"] in KERAS_PATHS and r["path"] != STOCK_PATH and r.get("ratio_to_framework") is not None]
+    stock = [r for r in ok if r["path"] in (STOCK_PATH, HEADLINE_PATH)] if any(r["path"] == STOCK_PATH for r in ok) else []
+    panels = [kind for kind, present in (("steps", main_paths), ("forest", ratios), ("stock", stock)) if present]
+    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(6 * max(len(panels), 1), 4.5), squeeze=False)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no training cell ran", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    for axis, kind in zip(axes[0], panels):
+        if kind == "steps":
+            axis.set_title("step time per backend and path (95% CI)")
+            _points(axis, ok, main_paths, "step_ms_median", "step_ms_ci95", "ms per step")
+        elif kind == "stock":
+            axis.set_title("stock MaxPooling2D vs the project's pooling")
+            _points(axis, stock, [HEADLINE_PATH, STOCK_PATH], "step_ms_median", "step_ms_ci95", "ms per step")
+        else:
+            axis.set_title("Keras overhead over the hand-written loop (95% CI)")
+            for position, row in enumerate(ratios):
+                low, high = row.get("ratio_to_framework_ci95") or [row["ratio_to_framework"]] * 2
+                axis.errorbar(row["ratio_to_framework"], position, xerr=[[row["ratio_to_framework"] - low],
+                              [high - row["ratio_to_framework"]]], fmt="o", capsize=3, color="C0")
+            axis.axvline(1.0, color="gray", linestyle="--")
+            axis.set_yticks(range(len(ratios)), [f"{r['backend']} {r['device']} {r['path']}" for r in ratios])
+            axis.invert_yaxis()
+            axis.set_xlabel("Keras step / framework step")
+            axis.grid(axis="x", alpha=0.3)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -326,12 +390,12 @@ def make_readable(path: Path) -> Path:
 
 
 def write_report(runs: list[dict], stem_path: str | os.PathLike) -> tuple[str, Path, Path]:
-    """Table (returned and written to STEM.md) and chart (STEM.png) for `runs`."""
+    """Markdown (returned and written to STEM.md) and chart (STEM.png) for `runs`."""
     from model.checkpoint import atomic_write
 
     stem_path = Path(stem_path)
-    cells = add_ratios(merge_cells(runs))
-    table = markdown_report(runs, cells)
-    markdown = make_readable(atomic_write(stem_path.with_suffix(".md"), lambda temp: temp.write_text(table)))
-    chart = make_readable(draw_chart(cells, stem_path.with_suffix(".png"), chart_title(runs)))
-    return table, markdown, chart
+    rows = merge_cells(runs)
+    report = markdown_report(runs, rows)
+    markdown = make_readable(atomic_write(stem_path.with_suffix(".md"), lambda temp: temp.write_text(report)))
+    chart = make_readable(draw_chart(rows, stem_path.with_suffix(".png"), chart_title(runs)))
+    return report, markdown, chart

@@ -45,6 +45,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def accuracy_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an accuracy between 0 and 1, e.g. 0.99, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected an accuracy between 0 and 1, e.g. 0.99, got {text}")
+    return value
+
+
 def comma_list(kind=str, choices=None, positive: bool = False):
     """A type for "a,b,c": a list of `kind` in the order given, duplicates dropped; each
     value must be one of `choices` when given, and > 0 when `positive`."""

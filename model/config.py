@@ -50,6 +50,9 @@ class TrainConfig:
     overwrite: bool = False
     # Whether steps are compiled (XLA for JAX/TF); None lets each backend use its fastest.
     jit_compile: bool | None = None
+    # Stop once the test accuracy, checked at each epoch end, reaches this (e.g. 0.99);
+    # None trains every epoch (model/target_accuracy.py).
+    target_accuracy: float | None = None
     # Data-parallel training (model/devices.py): devices per machine, machines, this
     # machine's rank and the rank-0 machine's HOST:PORT (needed when num_nodes > 1).
     # batch_size is the global batch, split evenly over devices * num_nodes replicas.

@@ -29,6 +29,20 @@ RUN_FILES = ("model.keras", "run.json", "curves.png", f"{CHECKPOINTS}/last.keras
              f"{CHECKPOINTS}/trainer_state.json")
 
 
+def check_writable(output_dir: str | os.PathLike) -> Path:
+    """The folder, created if needed; a one-line UsageError if a file cannot be written in it."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"cannot write to output dir {str(path)!r} ({error.strerror or error}); "
+                         "choose another with --output-dir") from None
+    return path
+
+
 class RunDirectory:
     def __init__(self, path: Path, lock_descriptor: int):
         self.path = path
@@ -37,15 +51,7 @@ class RunDirectory:
 
     @classmethod
     def open(cls, output_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> "RunDirectory":
-        path = Path(output_dir)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-probe-{uuid.uuid4().hex}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise UsageError(f"cannot write to output dir {str(path)!r} ({error.strerror or error}); "
-                             "choose another with --output-dir") from None
+        path = check_writable(output_dir)
         checkpoints = path / CHECKPOINTS
         if checkpoints.exists() and not checkpoints.is_dir():
             raise UsageError(f"{checkpoints} exists and is not a folder, but the run's checkpoints go there; "

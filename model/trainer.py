@@ -275,6 +275,8 @@ class Trainer:
                     callbacks=callbacks,
                     verbose=self.verbose if self.is_main else 0,
                 )
+                if interrupt.requested:  # it came during the last validation pass: fit ended anyway
+                    raise _StopRequested(self.max_epochs, datamodule.steps_per_epoch)
             except _StopRequested as stop:
                 note = checkpoint.note() if checkpoint else "no checkpoint directory was given"
                 raise TrainingInterrupted(stop.epoch, stop.step, datamodule.steps_per_epoch, note) from None

@@ -101,6 +101,7 @@ def prepare_run(config: TrainConfig, arrays=None):
     from model.devices import start_engine
     from model.module import CNNModule
     from model.runtime import seed_everything
+    from model.target_accuracy import StopAtTargetAccuracy
     from model.trainer import Trainer
 
     # Data parallel: the engine exists before the module, whose variables it lays out.
@@ -127,6 +128,8 @@ def prepare_run(config: TrainConfig, arrays=None):
     checkpoint_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
     trainer = Trainer(max_epochs=config.epochs, jit_compile=jit_compile, checkpoint_dir=checkpoint_dir,
                       run_settings=run_settings(config), engine=engine)
+    if config.target_accuracy is not None:
+        trainer.callbacks.append(StopAtTargetAccuracy(datamodule.x_test, datamodule.y_test, config.target_accuracy))
     return module, datamodule, trainer
 
 

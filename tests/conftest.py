@@ -120,26 +120,34 @@ def cross_loaded(request, backend_results, dry_runs, tmp_path_factory):
 # ----------------------------------------------------------------------------- compare.py --quick
 
 QUICK_COMPARE = pytest.StashKey[tuple]()
+QUICK_COMPARE_WANTED = pytest.StashKey[bool]()
 
 
 def pytest_collection_finish(session):
-    """Note which backends the selected tests use, and start `compare.py --quick` in the
-    background when a selected test needs it: it runs a dozen processes one after
-    another, and started early it overlaps with the backend subprocesses' single-threaded
-    phases instead of adding its two minutes after them. (Its timings are not asserted
-    on; tests check correctness, compare.py measures speed.)"""
+    """Note which backends the selected tests use, and whether any needs `compare.py
+    --quick` (started by the `_start_quick_compare` fixture, not here: collecting, even
+    with --collect-only, starts nothing)."""
     from tests.helpers import BACKENDS
 
     session.config.stash[SELECTED_BACKENDS] = {
         value for item in session.items for value in getattr(getattr(item, "callspec", None), "params", {}).values()
         if isinstance(value, str) and value in BACKENDS}
-    if any("quick_run" in getattr(item, "fixturenames", ()) for item in session.items):
+    session.config.stash[QUICK_COMPARE_WANTED] = any("quick_run" in getattr(item, "fixturenames", ()) for item in session.items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_quick_compare(request):
+    """Start `compare.py --quick` in the background at the first test when a selected test
+    needs it: it runs a few dozen processes one after another, and started early it
+    overlaps with the backend subprocesses' single-threaded phases instead of adding its
+    minutes after them. (Its timings are not asserted on; tests check correctness,
+    compare.py measures speed.)"""
+    if request.config.stash.get(QUICK_COMPARE_WANTED, False):
         from tests.helpers import REPO, StartedPython
 
         workdir = Path(tempfile.mkdtemp(prefix="compare-quick-"))
-        started = StartedPython([REPO / "benchmarks" / "compare.py", "--quick", "--output-dir", workdir / "results"],
-                                None, workdir / "logs")
-        session.config.stash[QUICK_COMPARE] = (started, workdir)
+        started = StartedPython([REPO / "benchmarks" / "compare.py", "--quick", "--output-dir", workdir / "results"], None, workdir / "logs")
+        request.config.stash[QUICK_COMPARE] = (started, workdir)
 
 
 def pytest_sessionfinish(session):
@@ -158,10 +166,11 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture(scope="session")
 def quick_run(request):
-    """`compare.py --quick`, started at collection: (process, results JSON path, its contents)."""
+    """`compare.py --quick`, started at the first test: (process, results JSON path, its contents)."""
     started, workdir = request.config.stash[QUICK_COMPARE]
-    # Under 3 minutes on an idle 2-core machine; the limit leaves room for a busy one.
-    result = started.wait(timeout=900)
+    # About 4-5 minutes on an idle 2-core machine (7 CPU-minutes); 11 on one shared with
+    # three other test runs. The limit leaves room for a busier one.
+    result = started.wait(timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     files = sorted((workdir / "results").glob("*.json"))
     assert len(files) == 1, (list((workdir / "results").iterdir()), result.stderr[-2000:])

@@ -22,9 +22,9 @@ select_backend("torch")
 import keras
 import numpy as np
 
-from model.checkpoint import load_model
+from model.checkpoint import load_model, read_trainer_state
 from model.module import CNNModule
-from model.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAINER_STATE, AtomicCheckpoint, StepTimer
+from model.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, AtomicCheckpoint, StepTimer
 
 out = {}
 
@@ -60,7 +60,7 @@ for epoch, accuracy in enumerate([0.50, 0.90, 0.70, 0.90, 0.85]):
 out["best_markers"] = markers
 out["last_marker"] = float(keras.ops.convert_to_numpy(
     load_model(folder / LAST_CHECKPOINT).network.get_layer("probabilities").bias)[0])
-out["state"] = json.loads((folder / TRAINER_STATE).read_text())
+out["state"] = read_trainer_state(folder / LAST_CHECKPOINT)
 
 # A process holds one backend: asking for another once keras runs is a one-line error.
 try:

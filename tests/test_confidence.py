@@ -1,10 +1,10 @@
-"""benchmarks/statistics.py on synthetic rounds whose true values are known."""
+"""benchmarks/confidence.py on synthetic rounds whose true values are known."""
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.statistics import is_significant, median_ci, paired_ratio_ci, significance_label
+from benchmarks.confidence import is_significant, median_ci, paired_ratio_ci, significance_label
 
 
 def test_median_ci_covers_the_true_median_at_about_its_nominal_rate():

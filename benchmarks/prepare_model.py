@@ -1,0 +1,39 @@
+"""The model a benchmark run's predict cells time, made once per run before the rounds:
+
+    python -m benchmarks.prepare_model OUTPUT.keras BATCH_SIZE[,BATCH_SIZE...]
+
+The CNN with its seeded initial weights (inference speed does not depend on the weights'
+values, so no training is spent on it), saved as train.py saves model.keras. Prints one
+JSON line: the network's training FLOPs per image and the largest matmul of a training
+step at each BATCH_SIZE (benchmarks/floor.py), which every training cell's floor uses.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.runtime import select_backend  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    select_backend()
+    from benchmarks.floor import largest_matmul, training_flops_per_image
+    from model.checkpoint import save_model
+    from model.cnn import build_cnn, portable_network, seeded_weights
+    from model.config import TrainConfig
+
+    output, batch_sizes = Path(argv[0]), [int(value) for value in argv[1].split(",")]
+    network = build_cnn("fast")
+    network.set_weights(seeded_weights(network, TrainConfig.seed))
+    save_model(portable_network(network), output)
+    print(json.dumps({"flops_per_image": training_flops_per_image(network),
+                      "largest_matmul": {str(size): list(largest_matmul(network, size)) for size in batch_sizes}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,159 @@
+"""A cell's row in a results file, from its rounds (benchmarks/confidence.py).
+
+`summarize_cells(rows)` takes rows holding their identity (machine, backend, device,
+path, batch_size) and `rounds` (one result per round, as benchmarks/measure.py wrote
+it, each tagged with `round` and `source`) and sets every summary figure from the ok
+rounds alone, so a report rebuilt from one file, or from several merged, recomputes
+them the same way. Per training cell: the median across rounds of the window's mean step
+time with its 95% bootstrap CI, and the Keras-over-framework ratio computed per round
+from the pair that ran in the same block of the same round, then its median and CI.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from benchmarks.floor import achieved_gflops, pct_of_floor
+from benchmarks.measure import PATHS, PREDICT, TIME_TO_ACCURACY
+from benchmarks.confidence import median_ci, paired_ratio_ci, significance_label
+
+# A cell whose floor before and after its window differ by more than this ran on a drifting host.
+FLOOR_DRIFT_LIMIT = 0.05
+IDENTITY = ("machine", "backend", "device", "path", "batch_size")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _median(values) -> float | None:
+    values = [value for value in values if _number(value)]
+    return float(np.median(values)) if values else None
+
+
+def _with_ci(row: dict, name: str, values, ci_name: str | None = None) -> None:
+    values = [value for value in values if _number(value)]
+    median, low, high = median_ci(values) if values else (None, None, None)
+    row[name] = median
+    row[ci_name or f"{name}_ci95"] = [low, high] if low is not None else None
+
+
+def status_of(rounds: list[dict]) -> tuple[str, str | None]:
+    """ok when any round is; the reason names failed rounds."""
+    statuses = [r["status"] for r in rounds]
+    failed = [r for r in rounds if r["status"] == "failed"]
+    if "ok" in statuses:
+        reason = f"{len(failed)} of {len(rounds)} rounds failed: {failed[0]['reason']}" if failed else None
+        return "ok", reason
+    if not rounds:
+        return "failed", "no rounds ran"
+    first = failed[0] if failed else rounds[0]
+    return ("failed" if failed else first["status"]), first.get("reason")
+
+
+def floor_figures(ok: list[dict]) -> dict:
+    def floor(result, key):
+        values = [result.get(side, {}).get(key) for side in ("floor_before", "floor_after")]
+        return float(np.mean(values)) if all(_number(v) for v in values) else None
+
+    drifts = []
+    for result in ok:
+        before = result.get("floor_before", {}).get("sgemm_gflops_model_shape")
+        after = result.get("floor_after", {}).get("sgemm_gflops_model_shape")
+        if _number(before) and _number(after) and before > 0:
+            drifts.append(abs(after - before) / before)
+    drift = max(drifts) if drifts else None
+    return {
+        "floor_gflops": _median(floor(r, "sgemm_gflops_model_shape") for r in ok),
+        "floor_gflops_1024": _median(floor(r, "sgemm_gflops_1024") for r in ok),
+        "triad_gb_s": _median(floor(r, "triad_gb_s") for r in ok),
+        "floor_drift": drift,
+        "floor_drifted": drift is not None and drift > FLOOR_DRIFT_LIMIT,
+    }
+
+
+def training_figures(ok: list[dict]) -> dict:
+    row = {}
+    _with_ci(row, "step_ms_median", [r["step_ms_mean"] for r in ok], "step_ms_ci95")
+    _with_ci(row, "images_per_s", [r["images_per_s"] for r in ok])
+    for name in ("compile_s", "data_s_per_epoch", "epoch_s", "step_ms_p50", "step_ms_p90", "step_ms_p99"):
+        row[name] = _median(r.get(name) for r in ok)
+    row.update(floor_figures(ok))
+    flops = _median(r.get("flops_per_image") for r in ok)
+    row["flops_per_image"] = flops
+    usable = flops and row["images_per_s"] and row["floor_gflops"]
+    row["achieved_gflops"] = achieved_gflops(flops, row["images_per_s"]) if usable else None
+    row["pct_of_floor"] = pct_of_floor(flops, row["images_per_s"], row["floor_gflops"]) if usable else None
+    row["framework_adjacent_rounds"] = sum(1 for r in ok if r.get("framework_adjacent"))
+    return row
+
+
+def time_to_accuracy_figures(ok: list[dict]) -> dict:
+    reached = [r for r in ok if r.get("reached_target")]
+    row = {"target_accuracy": _median(r["target_accuracy"] for r in ok), "rounds_reached": len(reached)}
+    _with_ci(row, "seconds_to_target", [r["seconds_to_target"] for r in reached])
+    row["epochs_to_target"] = _median(r["epochs_to_target"] for r in reached)
+    row["test_accuracy"] = _median(r["test_accuracy"] for r in ok)
+    row["evaluation_s"] = _median(r["evaluation_s"] for r in ok)
+    return row
+
+
+def predict_figures(ok: list[dict]) -> dict:
+    row = {}
+    _with_ci(row, "latency_ms_median", [r["latency_ms_median"] for r in ok], "latency_ms_ci95")
+    row["latency_ms_p99"] = _median(r["latency_ms_p99"] for r in ok)
+    _with_ci(row, "throughput_images_per_s", [r["throughput_images_per_s"] for r in ok])
+    return row
+
+
+def summarize_row(row: dict) -> dict:
+    """`row` with status, reason and the figures of its kind set from its rounds."""
+    rounds = row["rounds"]
+    ok = [r for r in rounds if r["status"] == "ok"]
+    status, reason = status_of(rounds)
+    summary = {key: row[key] for key in IDENTITY if key in row}
+    summary.update(status=status, reason=reason, rounds_run=len(rounds), rounds_ok=len(ok))
+    if ok and row["path"] in PATHS:
+        summary.update(training_figures(ok))
+    elif ok and row["path"] == TIME_TO_ACCURACY:
+        summary.update(time_to_accuracy_figures(ok))
+    elif ok and row["path"] == PREDICT:
+        summary.update(predict_figures(ok))
+    if ok:
+        summary["device_name"] = ok[0].get("device_name")
+    summary["rounds"] = rounds
+    return summary
+
+
+def add_framework_ratios(rows: list[dict]) -> list[dict]:
+    """ratio_to_framework per training row: Keras step / its framework baseline's, per
+    round of the same source (the pair of one block), then their median and 95% CI;
+    ratio_significance is "n.s." when that CI holds 1.0."""
+
+    def key(row):
+        return row.get("machine"), row["backend"], row["device"], row["batch_size"]
+
+    frameworks = {key(row): row for row in rows if row["path"] == "framework" and row["status"] == "ok"}
+    for row in rows:
+        row.update(ratio_to_framework=None, ratio_to_framework_ci95=None, ratio_significance=None)
+        framework = frameworks.get(key(row))
+        if row["path"] not in PATHS or row["status"] != "ok" or framework is None:
+            continue
+        if row is framework:
+            row.update(ratio_to_framework=1.0, ratio_to_framework_ci95=[1.0, 1.0], ratio_significance="")
+            continue
+        baseline = {(r.get("source"), r["round"]): r["step_ms_mean"] for r in framework["rounds"] if r["status"] == "ok"}
+        pairs = [(r["step_ms_mean"], baseline[(r.get("source"), r["round"])]) for r in row["rounds"]
+                 if r["status"] == "ok" and (r.get("source"), r["round"]) in baseline]
+        if not pairs:
+            continue
+        ratio, low, high = paired_ratio_ci([p[0] for p in pairs], [p[1] for p in pairs])
+        row.update(ratio_to_framework=ratio, ratio_to_framework_ci95=[low, high] if low is not None else None,
+                   ratio_significance=significance_label(low, high), ratio_pairs=len(pairs))
+    return rows
+
+
+def summarize_cells(rows: list[dict]) -> list[dict]:
+    return add_framework_ratios([summarize_row(row) for row in rows])

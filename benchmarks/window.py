@@ -1,0 +1,140 @@
+"""One clean timing window of training steps, the same on every path.
+
+Before the window, the data module's first epoch is prepared (shuffled and augmented:
+`data_s_per_epoch`; --quick prepares only the window's batches and scales) and cut to `warmup_steps + window_steps` full batches, which every
+path gets as the same arrays: the Keras paths through train.py's own code (prepare_run,
+Trainer.fit, whose feed then slices the prepared arrays), the framework path batch by
+batch. So the window lies inside one epoch, holds only full batches (no new shape to
+compile) and no data preparation.
+
+Clocks: after every step the backend's `synchronize` runs on the step's loss, then the
+clock is read; step i's time is the gap between the reads after steps i-1 and i.
+  compile_s       fit()/build start to the end of the first step (data already prepared);
+  step_ms         every window step's time (the latency distribution);
+  images_per_s    window images / window wall time (first read before, last after the window);
+  epoch_s         data_s_per_epoch + a full epoch's images at images_per_s: an epoch as
+                  a user sees it, without the validation pass (derived, not timed whole).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+
+import numpy as np
+
+
+def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(images, labels) of epoch 0 cut to `steps` full batches, the seconds preparing a
+    whole epoch takes, and how many images an epoch has. With whole_epoch False (--quick)
+    only the window's batches are prepared and the epoch's seconds scaled from them."""
+    epoch_images, batch_size = len(datamodule.x_train), datamodule.batch_size
+    if steps > epoch_images // batch_size:
+        raise ValueError(f"a window of {steps} steps needs {steps} full batches; an epoch has {epoch_images // batch_size}")
+    limit, datamodule.limit_train_batches = datamodule.limit_train_batches, None if whole_epoch else steps
+    started = time.perf_counter()
+    images, labels = datamodule.train_epoch(0)  # as a user's run prepares it
+    data_s = (time.perf_counter() - started) * epoch_images / len(images)
+    datamodule.limit_train_batches = limit
+    count = steps * batch_size
+    return images[:count], labels[:count], data_s, epoch_images
+
+
+def window_figures(started: float, step_ends: list[float], warmup_steps: int, batch_size: int) -> dict:
+    """The figures of one window from the clock reads after each step (`started`: the read
+    before the first step)."""
+    ends = np.asarray(step_ends, dtype=float)
+    window = ends[warmup_steps - 1:] if warmup_steps else np.concatenate([[started], ends])
+    step_ms = np.diff(window) * 1000.0
+    if step_ms.size == 0:
+        raise RuntimeError(f"no window steps: {len(ends)} steps ran, {warmup_steps} of them warm-up")
+    wall_s = window[-1] - window[0]
+    return {
+        "compile_s": float(ends[0] - started),
+        "window_steps": int(step_ms.size),
+        "step_ms_mean": float(step_ms.mean()),
+        "step_ms_p50": float(np.percentile(step_ms, 50)),
+        "step_ms_p10": float(np.percentile(step_ms, 10)),
+        "step_ms_p90": float(np.percentile(step_ms, 90)),
+        "step_ms_p99": float(np.percentile(step_ms, 99)),
+        "images_per_s": step_ms.size * batch_size / wall_s,
+        "step_ms": [round(float(value), 3) for value in step_ms],
+    }
+
+
+def add_epoch_estimate(figures: dict, data_s: float, epoch_images: int) -> dict:
+    figures.update(data_s_per_epoch=data_s, epoch_s=data_s + epoch_images / figures["images_per_s"])
+    return figures
+
+
+def run_keras_path(spec: dict, config, progress) -> dict:
+    """train.py's code: prepare_run(config), then Trainer.fit on the prepared window."""
+    import keras
+
+    from backends import backend_module
+    from model.training import prepare_run
+
+    backend = backend_module()
+    steps = spec["warmup_steps"] + spec["window_steps"]
+    module, datamodule, trainer = prepare_run(config.replace(epochs=1, limit_train_batches=steps))
+    images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
+    # Every feed (the generator on JAX and torch, tf.data on TensorFlow) takes its epoch
+    # from train_epoch: from now on, the prepared arrays.
+    datamodule.train_epoch = lambda epoch: (images, labels)
+    datamodule.x_val, datamodule.y_val = datamodule.x_val[:0], datamodule.y_val[:0]
+    step_ends = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            backend.synchronize((logs or {}).get("loss"))  # the device has finished this step
+            step_ends.append(time.perf_counter())
+
+    trainer.callbacks.append(Clock())
+    trainer.verbose = 0
+    progress(f"keras {keras.__version__} on {backend.__name__}: {steps} steps, data prepared in {data_s:.2f} s")
+    started = time.perf_counter()
+    trainer.fit(module, datamodule)
+    figures = window_figures(started, step_ends, spec["warmup_steps"], config.batch_size)
+    return {**add_epoch_estimate(figures, data_s, epoch_images), "steps_run": len(step_ends),
+            "epochs_run": len(trainer.timer.step_seconds), "window_images": len(images),
+            "device_name": backend.device_name(), "peak_device_mb": backend.peak_device_memory_mb(),
+            "keras_version": keras.__version__}
+
+
+def run_framework_path(spec: dict, config, progress) -> dict:
+    """The hand-written baseline on the same prepared window, with no keras import."""
+    importlib.import_module(spec["backend"])
+    keras_before = keras_modules()
+    from benchmarks.framework import load_baseline
+    from benchmarks.initial_weights import seeded_cnn_weights
+    from model.data import MNISTDataModule
+
+    steps = spec["warmup_steps"] + spec["window_steps"]
+    datamodule = MNISTDataModule(batch_size=config.batch_size, validation_size=config.validation_size, seed=config.seed,
+                                 shift_pixels=config.shift_pixels, rotation_degrees=config.rotation_degrees,
+                                 zoom=config.zoom, path=config.data, limit_train_batches=steps).setup()
+    images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
+    optimizer = {"lr": config.lr, "decay_steps": steps, "ema_momentum": config.ema_momentum}
+    baseline = load_baseline(spec["backend"]).build(seeded_cnn_weights(config.seed), **optimizer)
+    progress(f"{spec['backend']} baseline: {steps} steps, data prepared in {data_s:.2f} s")
+    step_ends = []
+    started = time.perf_counter()
+    for start in range(0, len(images), config.batch_size):
+        loss = baseline.train_step(images[start:start + config.batch_size], labels[start:start + config.batch_size])
+        baseline.synchronize(loss)  # the device has finished this step
+        # Reading the loss each step, as the Keras paths' NaN guard does.
+        if not math.isfinite(baseline.loss_value(loss)):
+            raise FloatingPointError(f"loss became {baseline.loss_value(loss)} at step {len(step_ends) + 1}")
+        step_ends.append(time.perf_counter())
+    figures = window_figures(started, step_ends, spec["warmup_steps"], config.batch_size)
+    added = sorted(keras_modules() - keras_before)
+    return {**add_epoch_estimate(figures, data_s, epoch_images), "steps_run": len(step_ends), "epochs_run": 1,
+            "window_images": len(images), "device_name": baseline.device_name(),
+            "peak_device_mb": baseline.peak_device_memory_mb(), "keras_imported_by_path": bool(added)}
+
+
+def keras_modules() -> set[str]:
+    import sys
+
+    return {name for name in sys.modules if name == "keras" or name.startswith("keras.")}
