@@ -2,7 +2,7 @@
 time to a target accuracy, and inference; write a results JSON, a Markdown report and a chart.
 
     python benchmarks/compare.py                      # full: 5 rounds of every cell
-    python benchmarks/compare.py --quick              # every cell, 2 short rounds (under 3 minutes)
+    python benchmarks/compare.py --quick              # every cell, short rounds (about 5 minutes)
     python benchmarks/compare.py --rounds 3 --backends jax,torch --devices cpu
     python benchmarks/compare.py --report a.json b.json   # report from saved results, rounds merged
 

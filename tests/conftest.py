@@ -168,8 +168,8 @@ def pytest_sessionfinish(session):
 def quick_run(request):
     """`compare.py --quick`, started at the first test: (process, results JSON path, its contents)."""
     started, workdir = request.config.stash[QUICK_COMPARE]
-    # About 4-5 minutes on an idle 2-core machine (7 CPU-minutes); 11 on one shared with
-    # three other test runs. The limit leaves room for a busier one.
+    # 4.6 minutes alone on an idle 2-core AVX-512 host; 11 on one shared with three
+    # other test runs. The limit leaves room for a busier one.
     result = started.wait(timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     files = sorted((workdir / "results").glob("*.json"))
