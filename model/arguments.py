@@ -10,49 +10,30 @@ import math
 _NOUNS = {int: "integers", float: "numbers"}
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def number_type(kind, accept, expected: str):
+    """A type for one number: `kind(text)` for which `accept(value)` holds; otherwise
+    "expected <expected>, got <text>"."""
 
-
-def int_in_range(low: int, high: int):
-    """A type for an integer from low to high, both included."""
-
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
         return value
 
     return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
+def int_in_range(low: int, high: int):
+    """A type for an integer from low to high, both included."""
+    return number_type(int, lambda value: low <= value <= high, f"an integer from {low} to {high}")
 
 
-def accuracy_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an accuracy between 0 and 1, e.g. 0.99, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected an accuracy between 0 and 1, e.g. 0.99, got {text}")
-    return value
+positive_int = number_type(int, lambda value: value > 0, "a positive integer")
+positive_float = number_type(float, lambda value: value > 0 and math.isfinite(value), "a positive finite number")
+accuracy_fraction = number_type(float, lambda value: 0 < value <= 1, "an accuracy between 0 and 1, e.g. 0.99")
 
 
 def comma_list(kind=str, choices=None, positive: bool = False):
