@@ -1,6 +1,7 @@
 """Fixtures shared by the whole test suite."""
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -8,6 +9,14 @@ from pathlib import Path
 import pytest
 
 from model.data import load_mnist
+
+# The suite runs several framework processes at once on CI's 2 cores. torch's OpenMP
+# threads (libgomp) spin while they wait for work, and oversubscribed that spinning is
+# most of their CPU time: torch's short_training + fast_pooling checks took 43-53 s of
+# user CPU beside other test processes, 12-14 s with passive waiting. Waiting changes no
+# result; every subprocess inherits this (a user's own setting wins). compare.py records
+# OMP_* variables with its results.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")
