@@ -72,10 +72,9 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     """train.py's code: prepare_run(config), then Trainer.fit on the prepared window."""
     import keras
 
-    from backends import backend_module
+    from model.backend import BACKEND as backend
     from model.training import prepare_run
 
-    backend = backend_module()
     steps = spec["warmup_steps"] + spec["window_steps"]
     module, datamodule, trainer = prepare_run(config.replace(epochs=1, limit_train_batches=steps))
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
@@ -108,12 +107,10 @@ def run_framework_path(spec: dict, config, progress) -> dict:
     keras_before = keras_modules()
     from benchmarks.framework import load_baseline
     from benchmarks.initial_weights import seeded_cnn_weights
-    from model.data import MNISTDataModule
+    from model.data import datamodule_from
 
     steps = spec["warmup_steps"] + spec["window_steps"]
-    datamodule = MNISTDataModule(batch_size=config.batch_size, validation_size=config.validation_size, seed=config.seed,
-                                 shift_pixels=config.shift_pixels, rotation_degrees=config.rotation_degrees,
-                                 zoom=config.zoom, path=config.data, limit_train_batches=steps).setup()
+    datamodule = datamodule_from(config, limit_train_batches=steps).setup()
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
     optimizer = {"lr": config.lr, "decay_steps": steps, "ema_momentum": config.ema_momentum}
     baseline = load_baseline(spec["backend"]).build(seeded_cnn_weights(config.seed), **optimizer)

@@ -46,7 +46,7 @@ out["median_ms_warmup_only"] = timer.step_ms_median()
 # best.keras: the network of the epoch with the highest val_accuracy. Each epoch's
 # network gets a marker in its output bias, read back from the saved files.
 folder = Path(sys.argv[1])
-module = CNNModule()
+module = CNNModule(decay_steps=0)
 module.configure()
 checkpoint = AtomicCheckpoint(folder)
 checkpoint.set_model(module)
