@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from model.timing import past_warmup, step_seconds
+
 
 def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
     """(images, labels) of epoch 0 cut to `steps` full batches, the seconds preparing a
@@ -44,14 +46,13 @@ def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np
 def window_figures(started: float, step_ends: list[float], warmup_steps: int, batch_size: int) -> dict:
     """The figures of one window from the clock reads after each step (`started`: the read
     before the first step)."""
-    ends = np.asarray(step_ends, dtype=float)
-    window = ends[warmup_steps - 1:] if warmup_steps else np.concatenate([[started], ends])
-    step_ms = np.diff(window) * 1000.0
-    if step_ms.size == 0:
-        raise RuntimeError(f"no window steps: {len(ends)} steps ran, {warmup_steps} of them warm-up")
-    wall_s = window[-1] - window[0]
+    window_s = past_warmup(step_seconds(started, step_ends), warmup_steps)
+    if window_s.size == 0:
+        raise RuntimeError(f"no window steps: {len(step_ends)} steps ran, {warmup_steps} of them warm-up")
+    step_ms = window_s * 1000.0
+    wall_s = float(window_s.sum())
     return {
-        "compile_s": float(ends[0] - started),
+        "compile_s": float(step_ends[0] - started),
         "window_steps": int(step_ms.size),
         "step_ms_mean": float(step_ms.mean()),
         "step_ms_p50": float(np.percentile(step_ms, 50)),

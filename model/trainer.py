@@ -32,6 +32,7 @@ from model.cnn import portable_network
 from model.config import TrainConfig
 from model.data import MNISTDataModule
 from model.module import CNNModule
+from model.timing import WARMUP_STEPS, past_warmup
 
 LAST_CHECKPOINT = "last.keras"
 BEST_CHECKPOINT = "best.keras"
@@ -130,12 +131,11 @@ class StepTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
 
-    def step_ms_median(self, warmup_steps: int = 5) -> float | None:
-        """Median step time, leaving out the first steps (tracing/compilation)."""
-        steps = [s for s in self.step_seconds[0][warmup_steps:]] if self.step_seconds else []
-        for later in self.step_seconds[1:]:
-            steps.extend(later)
-        return float(np.median(steps) * 1000) if steps else None
+    def step_ms_median(self, warmup_steps: int = WARMUP_STEPS) -> float | None:
+        """Median step time, leaving out the run's first steps (model.timing)."""
+        steps = np.concatenate([past_warmup(self.step_seconds[0], warmup_steps), *self.step_seconds[1:]]
+                               ) if self.step_seconds else []
+        return float(np.median(steps) * 1000) if len(steps) else None
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
