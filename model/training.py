@@ -162,6 +162,7 @@ def train_in_directory(config: TrainConfig, output_dir: Path, log, resumed_from:
     """The training itself, in an output dir already locked and checked (by this process,
     or by the data-parallel launcher that started it); under data parallel only rank 0
     logs and writes, and the other ranks return {}."""
+    from model.backend import BACKEND
     from model.checkpoint import CheckpointError, save_model, write_json
     from model.cnn import portable_network
     from model.runtime import describe_runtime
@@ -169,8 +170,6 @@ def train_in_directory(config: TrainConfig, output_dir: Path, log, resumed_from:
     started = time.perf_counter()
     # Before describe_runtime: TensorFlow's logical devices must be made before TF starts.
     module, datamodule, trainer = prepare_run(config)
-    from model.backend import BACKEND
-
     if not trainer.is_main:
         log = _silent  # data parallel: rank 0 speaks and writes, the others only train
     engine = trainer.engine
