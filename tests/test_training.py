@@ -67,3 +67,31 @@ def test_train_py_names_keras_json_in_an_unknown_backend_error(keras_home):
                             env={**__import__("os").environ})
     assert result.returncode == 2, result.stderr
     assert f"unknown backend 'mxnet' (from {keras_home / 'keras.json'})" in result.stderr
+
+
+def _imports(path):
+    """(module imported, whether at the file's top level) for each import in `path`."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module, id(node) in top, [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, id(node) in top, []
+
+
+def test_dependencies_point_one_way():
+    """entry scripts -> model/ -> backends/ (README 'Layout'): backends/ never imports
+    model/; model/ imports backends/ only at a file's top, and reaches a backend's file
+    only through model/backend.py (resolved once)."""
+    for path in sorted((REPO / "backends").glob("*.py")):
+        assert not [name for name, _, _ in _imports(path) if name.split(".")[0] == "model"], path
+    for path in sorted((REPO / "model").glob("*.py")):
+        for name, at_top, names in _imports(path):
+            if name.split(".")[0] != "backends":
+                continue
+            assert at_top, f"{path.name} imports {name} inside a function"
+            assert path.name == "backend.py" or "backend_module" not in names, f"{path.name} looks up a backend file"
