@@ -1,5 +1,6 @@
 """In-process tests of model/training.py and model/runtime.py that need no Keras backend:
-the curves figure and where the backend choice comes from."""
+the curves figure, where the backend choice comes from, and the one-way dependencies
+(entry scripts -> model/ -> backends/)."""
 
 from __future__ import annotations
 
