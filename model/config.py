@@ -132,7 +132,7 @@ def flag_of(field: dataclasses.Field) -> str | None:
 # The settings that define a run's maths, each with the flag that sets it (None: none
 # does): stored in the resume checkpoint, and refused on --resume when a flag asks for
 # another value.
-RUN_SETTINGS = {field.name: flag_of(field) for field in dataclasses.fields(TrainConfig) if field.metadata["run_setting"]}
+RUN_SETTINGS = {field.name: flag_of(field) for field in dataclasses.fields(TrainConfig) if field.metadata.get("run_setting")}
 
 # The model predict.py and export.py use unless told otherwise: what train.py writes by default.
 DEFAULT_MODEL = f"{TrainConfig.output_dir}/model.keras"

@@ -47,7 +47,7 @@ def test_no_flags_give_the_default_config_and_every_flag_reaches_its_field():
         target_accuracy=0.9, accelerator="cpu", devices=2, num_nodes=2, node_rank=1, coordinator="h:1",
         collective_timeout_s=5.0, shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0)
     # Every field with a help is a flag of train.py: the argv above names each one.
-    flags = {field.name for field in dataclasses.fields(TrainConfig) if field.metadata["help"]}
+    flags = {field.name for field in dataclasses.fields(TrainConfig) if field.metadata.get("help")}
     assert {name for name in flags if getattr(config, name) == getattr(TrainConfig(), name)} == set()
 
 
