@@ -11,59 +11,33 @@ fixes the backend before keras is imported, and turns known failures into one li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from model.arguments import accuracy_fraction, int_in_range, positive_float, positive_int
-from model.config import ACCELERATORS, BACKENDS, POOLINGS, SEED_RANGE, STEPS, TrainConfig
+from model.arguments import add_config_flags
+from model.config import BACKENDS, NO_AUGMENT, RUN_SETTINGS, TrainConfig
 from model.runtime import UsageError, select_backend
 
 
 def build_parser(**kwargs) -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    """train.py's flags: --backend and --no-augment, and one per TrainConfig setting
+    (model/config.py holds each one's help, type and default)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], **kwargs)
     parser.add_argument("--backend", help="Keras backend, one of " + ", ".join(BACKENDS)
                         + " (default: $KERAS_BACKEND, else keras.json, else tensorflow)")
-    parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="epochs to train")
-    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
-                        help="training batch size: the global batch, split evenly over all devices")
-    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="peak Adam learning rate (cosine decay to 0)")
-    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=defaults.seed,
-                        help=f"seed for weights, split, order and augmentation, {SEED_RANGE[0]} to {SEED_RANGE[1]}")
-    parser.add_argument("--output-dir", default=defaults.output_dir, help="where model.keras, run.json, curves.png go")
-    parser.add_argument("--limit-train-batches", type=positive_int, default=defaults.limit_train_batches,
-                        metavar="N", help="train on at most N batches per epoch")
-    parser.add_argument("--dry-run", action="store_true", help="quick check: one epoch of a few batches")
-    parser.add_argument("--data", default=defaults.data, metavar="PATH",
-                        help="mnist.npz or a folder of IDX files (default: $MNIST_PATH, cache, download)")
-    parser.add_argument("--step", choices=STEPS, default=defaults.step,
-                        help="Keras' built-in train step or the backends/ native one")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in OUTPUT_DIR from checkpoints/last.keras, with its settings")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the previous run in OUTPUT_DIR (without it, a new run there is refused)")
-    parser.add_argument("--pooling", choices=POOLINGS, default=defaults.pooling,
-                        help="max-pool layer: TiledMaxPooling2D, each backend's fastest exact kernel (fast), "
-                             "or keras.layers.MaxPooling2D (stock)")
-    parser.add_argument("--no-augment", action="store_true",
-                        help="train without the random shift/rotation/zoom augmentation")
-    parser.add_argument("--target-accuracy", type=accuracy_fraction, default=defaults.target_accuracy, metavar="A",
-                        help="stop after the first epoch whose test accuracy is at least A, e.g. 0.99")
-    devices = parser.add_argument_group("more than one device (data parallel)")
-    devices.add_argument("--accelerator", choices=ACCELERATORS, default=defaults.accelerator,
-                         help="auto: GPUs when the framework sees any, else CPU")
-    devices.add_argument("--devices", type=positive_int, default=defaults.devices, metavar="N",
-                         help="devices per machine (on CPU, N simulated devices sharing the cores)")
-    devices.add_argument("--num-nodes", type=positive_int, default=defaults.num_nodes, metavar="M",
-                         help="machines (jax and torch); run this command once on each")
-    devices.add_argument("--node-rank", type=int, default=defaults.node_rank, metavar="R",
-                         help="this machine's rank, 0..M-1")
-    devices.add_argument("--coordinator", default=defaults.coordinator, metavar="HOST:PORT",
-                         help="address of the machine with --node-rank 0 (needed with --num-nodes > 1)")
-    devices.add_argument("--collective-timeout", type=positive_float, default=defaults.collective_timeout_s,
-                         metavar="SECONDS", help="stop when a collective waits longer (a worker died or hangs)")
-    return parser
+    parser.add_argument(NO_AUGMENT, action="store_true",
+                        help="train without the random shift/rotation/zoom augmentation (default: off)")
+    return add_config_flags(parser, TrainConfig)
+
+
+def config_from(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the parsed flags ask for."""
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{name: value for name, value in vars(args).items() if name in names})
+    if args.no_augment:
+        config = config.replace(**{name: 0.0 for name, flag in RUN_SETTINGS.items() if flag == NO_AUGMENT})
+    return config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,7 +52,7 @@ def given_settings(argv=None) -> set[str]:
     given = {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
     names = {name for name in given if name != "no_augment"}
     if "no_augment" in given:
-        names |= {"shift_pixels", "rotation_degrees", "zoom"}
+        names |= {name for name, flag in RUN_SETTINGS.items() if flag == NO_AUGMENT}
     return names
 
 
@@ -94,16 +68,7 @@ def resume_command(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, output_dir=args.output_dir,
-        limit_train_batches=args.limit_train_batches, dry_run=args.dry_run, data=args.data, step=args.step,
-        resume=args.resume, overwrite=args.overwrite, pooling=args.pooling, target_accuracy=args.target_accuracy,
-        accelerator=args.accelerator,
-        devices=args.devices, num_nodes=args.num_nodes, node_rank=args.node_rank, coordinator=args.coordinator,
-        collective_timeout_s=args.collective_timeout,
-    )
-    if args.no_augment:
-        config = config.replace(shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0)
+    config = config_from(args)
     try:
         backend = select_backend(args.backend)
         # Hook (model/devices.py): refuse what cannot run, and set what the framework

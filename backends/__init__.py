@@ -9,6 +9,7 @@ or torch directly.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -86,8 +87,20 @@ def import_framework_quietly(backend: str) -> None:
     lines it writes to stderr before TF_CPP_MIN_LOG_LEVEL applies dropped, and every other
     line (warnings, errors) passed on. For a process whose TF_CPP_MIN_LOG_LEVEL asks for
     INFO (below 1), nothing is dropped."""
-    if backend != "tensorflow" or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+    if backend == "tensorflow":
+        import_tensorflow_quietly()
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow as import_framework_quietly does, when it is installed and not
+    imported yet. On every backend, Keras' .keras saving and loading import TensorFlow
+    when it is installed (keras/src/saving/serialization_lib.py asks `tf.available` to
+    check for `tf.TensorShape`); calling this first keeps its early INFO lines out of a
+    JAX or torch run too."""
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
         return
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        return  # INFO asked for (or nothing set): TensorFlow's own lines, when Keras imports it
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
@@ -111,11 +124,3 @@ def framework_flags_in_effect(backend: str) -> dict:
         return {}
     variable = FRAMEWORK_FLAGS[backend][2]
     return {variable: os.environ.get(variable, "")}
-
-
-def native_train_step(module, *args):
-    return backend_module().train_step(module, *args)
-
-
-def native_test_step(module, *args):
-    return backend_module().test_step(module, *args)

@@ -75,9 +75,9 @@ def fuse_optimizer(optimizer) -> None:
 
 def max_pool(inputs, pool_size: int):
     """Exact-tiling max pooling of NHWC `inputs` (TiledMaxPooling2D): the elementwise
-    maximum of the pool_size**2 strided sub-grids. XLA:CPU lowers the stock layer's gradient
-    (of reduce_window) to select_and_scatter, a scalar loop nest (69 of 90 ms/step here);
-    this one's is a compare-and-mask."""
+    maximum of the pool_size**2 strided sub-grids. Why: XLA:CPU lowers the stock layer's
+    gradient (of reduce_window) to select_and_scatter, a scalar loop nest; this one's is a
+    compare-and-mask (the step times: benchmarks/results, keras-fit vs keras-fit-stock)."""
     tiles = [inputs[:, row::pool_size, column::pool_size, :] for row in range(pool_size) for column in range(pool_size)]
     return functools.reduce(jnp.maximum, tiles)
 
@@ -92,7 +92,7 @@ def train_step(module, state, data):
     # Forward pass
     def compute_loss(trainable, non_trainable):
         probabilities, non_trainable = module.stateless_call(trainable, non_trainable, images, training=True)
-        loss, probabilities, _ = module.training_step((images, labels), probabilities)
+        loss, probabilities = module.training_step((images, labels), probabilities)
         return loss, (probabilities, non_trainable)
 
     # Compute gradients
@@ -113,7 +113,7 @@ def test_step(module, state, data):
 
     # Forward pass
     probabilities, non_trainable = module.stateless_call(trainable, non_trainable, images, training=False)
-    loss, probabilities, _ = module._common_step((images, labels), "test", probabilities)
+    loss, probabilities = module.validation_step((images, labels), probabilities)
 
     # Update metrics
     logs, metrics_state = _update_metrics(module, metrics_state, loss, labels, probabilities)

@@ -87,8 +87,9 @@ def fuse_optimizer(optimizer) -> None:
 
 def max_pool(inputs, pool_size: int):
     """Exact-tiling max pooling of NHWC `inputs` (TiledMaxPooling2D): the elementwise
-    maximum of the pool_size**2 strided sub-grids. Under XLA the stock layer's gradient
-    becomes select_and_scatter, a scalar loop nest on CPU; this one's is a compare-and-mask."""
+    maximum of the pool_size**2 strided sub-grids. Why: as on JAX, under XLA the stock
+    layer's gradient becomes select_and_scatter, a scalar loop nest on CPU; this one's is a
+    compare-and-mask."""
     tiles = [inputs[:, row::pool_size, column::pool_size, :] for row in range(pool_size) for column in range(pool_size)]
     return functools.reduce(tf.maximum, tiles)
 
@@ -101,7 +102,7 @@ def train_step(module, data):
 
     # Forward pass
     with tf.GradientTape() as tape:
-        loss, probabilities, _ = module.training_step((images, labels))
+        loss, probabilities = module.training_step((images, labels))
         # Under MirroredStrategy the optimizer sums the replicas' gradients: each takes
         # its share of the mean, as Keras' own losses do (one replica: unchanged).
         replica_share = loss / tf.distribute.get_strategy().num_replicas_in_sync
@@ -120,7 +121,7 @@ def test_step(module, data):
     images, labels = data[0], data[1]
 
     # Forward pass
-    loss, probabilities, _ = module._common_step((images, labels), "test")
+    loss, probabilities = module.validation_step((images, labels))
 
     # Update metrics
     return _update_metrics(module, loss, labels, probabilities)
@@ -131,7 +132,7 @@ def loss_and_gradients(module, batch):
 
     # Forward pass
     with tf.GradientTape() as tape:
-        loss, _, _ = module.training_step(batch)
+        loss, _ = module.training_step(batch)
 
     # Compute gradients
     gradients = tape.gradient(loss, module.trainable_variables)

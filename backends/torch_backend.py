@@ -97,8 +97,9 @@ def fuse_optimizer(optimizer) -> None:
 def max_pool(inputs, pool_size: int):
     """Exact-tiling max pooling of NHWC `inputs` (TiledMaxPooling2D): torch's own kernel on
     the NCHW-shaped, channels_last-strided view of `inputs`, so nothing is copied in or out.
-    Keras' ops.max_pool copies to contiguous NCHW first, and the NCHW kernel and that copy's
-    gradient took about half of the Keras step here (49-50 vs 27-30 ms/step, batch 128)."""
+    Why: Keras' ops.max_pool copies to contiguous NCHW first and back, and that copy's
+    gradient is a large part of the step (the step times: benchmarks/results, keras-fit vs
+    keras-fit-stock)."""
     pooled = F.max_pool2d(inputs.permute(0, 3, 1, 2), pool_size)
     return pooled.permute(0, 2, 3, 1)
 
@@ -111,7 +112,7 @@ def train_step(module, data):
 
     # Forward pass
     module.zero_grad()
-    loss, probabilities, _ = module.training_step((images, labels))
+    loss, probabilities = module.training_step((images, labels))
 
     # Compute gradients
     loss.backward()
@@ -130,7 +131,7 @@ def test_step(module, data):
 
     # Forward pass
     with torch.no_grad():
-        loss, probabilities, _ = module._common_step((images, labels), "test")
+        loss, probabilities = module.validation_step((images, labels))
 
     # Update metrics
     return _update_metrics(module, loss, labels, probabilities)
@@ -141,7 +142,7 @@ def loss_and_gradients(module, batch):
 
     # Forward pass
     module.zero_grad()
-    loss, _, _ = module.training_step(batch)
+    loss, _ = module.training_step(batch)
 
     # Compute gradients
     loss.backward()
@@ -217,7 +218,7 @@ def replicated_train_step(module, data, replica):
     # Forward pass (through DDP, which prepares the gradient all-reduce)
     module.zero_grad()
     probabilities = replica(images, training=True)
-    loss, probabilities, _ = module.training_step((images, labels), probabilities)
+    loss, probabilities = module.training_step((images, labels), probabilities)
 
     # Compute gradients (averaged across processes during backward)
     loss.backward()

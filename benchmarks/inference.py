@@ -57,13 +57,12 @@ def keras_inference(model_path, images: np.ndarray, warmup=DEFAULT_WARMUP, calls
     the backend this process holds."""
     import keras
 
-    from backends import backend_module
+    from model.backend import BACKEND
     from model.checkpoint import load_model
     from model.runtime import describe_runtime
 
     model = load_model(model_path)
-    backend = backend_module()
-    results = measure(model.predict_on_batch, images, warmup, calls, backend.synchronize)
+    results = measure(model.predict_on_batch, images, warmup, calls, BACKEND.synchronize)
     runtime = describe_runtime()
     return {"runtime": keras.backend.backend(), "path": "keras-predict_on_batch", "device": runtime["device"],
             "versions": runtime["versions"], "batches": results}

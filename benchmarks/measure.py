@@ -60,7 +60,9 @@ def progress(message: str) -> None:
 
 def check_framework_installed(backend: str, extra: str | None = None) -> None:
     if importlib.util.find_spec(backend) is None:
-        raise CellSkipped(f"{backend} is not installed; install it with: pip install -c constraints.txt '.[{extra or backend}]'")
+        from model.runtime import install_command
+
+        raise CellSkipped(f"{backend} is not installed; install it with: {install_command(extra or backend)}")
 
 
 def gpu_device_nodes() -> list[str]:

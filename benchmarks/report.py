@@ -380,15 +380,6 @@ def chart_title(runs: list[dict]) -> str:
     return f"MNIST CNN per backend and path: {slugs} @ {commits}"
 
 
-def make_readable(path: Path) -> Path:
-    """Give a file written through a temp file the permissions a plain write would have:
-    mkstemp creates it 0600, and results are meant to be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return path
-
-
 def write_report(runs: list[dict], stem_path: str | os.PathLike) -> tuple[str, Path, Path]:
     """Markdown (returned and written to STEM.md) and chart (STEM.png) for `runs`."""
     from model.checkpoint import atomic_write
@@ -396,6 +387,7 @@ def write_report(runs: list[dict], stem_path: str | os.PathLike) -> tuple[str, P
     stem_path = Path(stem_path)
     rows = merge_cells(runs)
     report = markdown_report(runs, rows)
-    markdown = make_readable(atomic_write(stem_path.with_suffix(".md"), lambda temp: temp.write_text(report)))
-    chart = make_readable(draw_chart(rows, stem_path.with_suffix(".png"), chart_title(runs)))
+    # atomic_write gives the files a plain write's permissions: results are meant to be shared.
+    markdown = atomic_write(stem_path.with_suffix(".md"), lambda temp: temp.write_text(report))
+    chart = draw_chart(rows, stem_path.with_suffix(".png"), chart_title(runs))
     return report, markdown, chart

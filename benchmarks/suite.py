@@ -25,7 +25,7 @@ from benchmarks.cells import REPO, Cell, cell_environment, empty_result
 from benchmarks.initial_weights import CNN_WEIGHT_SHAPES
 from benchmarks.machine import commit_info, describe_machine, package_versions, steal_counters, steal_pct
 from benchmarks.measure import ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY
-from benchmarks.report import load_runs, make_readable, write_report
+from benchmarks.report import load_runs, write_report
 from benchmarks.rounds import ANCHOR_PATH, run_rounds
 from benchmarks.summary import summarize_cells
 from model.config import TrainConfig
@@ -203,7 +203,7 @@ def run_suite(cells: list[Cell], mode: str = "full", output_dir: str | Path | No
     json_path = stem.with_suffix(".json")
     run["cells"] = summarize_cells([{**row, "rounds": [{**r, "source": json_path.name} for r in row["rounds"]]}
                                     for row in rows])
-    json_path = make_readable(write_json(json_path, run))
+    json_path = write_json(json_path, run)
     report, markdown, chart = write_report(load_runs([json_path]), stem)
     stream.write(f"{len(cells)} cells in {settings['wall_s']:.0f} s; wrote {json_path}, {markdown.name}, {chart.name}\n")
     return json_path, report

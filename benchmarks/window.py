@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from model.timing import past_warmup, step_seconds
+
 
 def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
     """(images, labels) of epoch 0 cut to `steps` full batches, the seconds preparing a
@@ -44,14 +46,13 @@ def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np
 def window_figures(started: float, step_ends: list[float], warmup_steps: int, batch_size: int) -> dict:
     """The figures of one window from the clock reads after each step (`started`: the read
     before the first step)."""
-    ends = np.asarray(step_ends, dtype=float)
-    window = ends[warmup_steps - 1:] if warmup_steps else np.concatenate([[started], ends])
-    step_ms = np.diff(window) * 1000.0
-    if step_ms.size == 0:
-        raise RuntimeError(f"no window steps: {len(ends)} steps ran, {warmup_steps} of them warm-up")
-    wall_s = window[-1] - window[0]
+    window_s = past_warmup(step_seconds(started, step_ends), warmup_steps)
+    if window_s.size == 0:
+        raise RuntimeError(f"no window steps: {len(step_ends)} steps ran, {warmup_steps} of them warm-up")
+    step_ms = window_s * 1000.0
+    wall_s = float(window_s.sum())
     return {
-        "compile_s": float(ends[0] - started),
+        "compile_s": float(step_ends[0] - started),
         "window_steps": int(step_ms.size),
         "step_ms_mean": float(step_ms.mean()),
         "step_ms_p50": float(np.percentile(step_ms, 50)),
@@ -72,10 +73,9 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     """train.py's code: prepare_run(config), then Trainer.fit on the prepared window."""
     import keras
 
-    from backends import backend_module
+    from model.backend import BACKEND as backend
     from model.training import prepare_run
 
-    backend = backend_module()
     steps = spec["warmup_steps"] + spec["window_steps"]
     module, datamodule, trainer = prepare_run(config.replace(epochs=1, limit_train_batches=steps))
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
@@ -108,12 +108,10 @@ def run_framework_path(spec: dict, config, progress) -> dict:
     keras_before = keras_modules()
     from benchmarks.framework import load_baseline
     from benchmarks.initial_weights import seeded_cnn_weights
-    from model.data import MNISTDataModule
+    from model.data import datamodule_from
 
     steps = spec["warmup_steps"] + spec["window_steps"]
-    datamodule = MNISTDataModule(batch_size=config.batch_size, validation_size=config.validation_size, seed=config.seed,
-                                 shift_pixels=config.shift_pixels, rotation_degrees=config.rotation_degrees,
-                                 zoom=config.zoom, path=config.data, limit_train_batches=steps).setup()
+    datamodule = datamodule_from(config, limit_train_batches=steps).setup()
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
     optimizer = {"lr": config.lr, "decay_steps": steps, "ema_momentum": config.ema_momentum}
     baseline = load_baseline(spec["backend"]).build(seeded_cnn_weights(config.seed), **optimizer)

@@ -53,3 +53,31 @@ def comma_list(kind=str, choices=None, positive: bool = False):
         return list(dict.fromkeys(values))
 
     return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class) -> argparse.ArgumentParser:
+    """One flag per field of the dataclass `config_class` that has a help in its metadata
+    (model.config.setting): `--field-name` (or the field's own flag), its type or choices,
+    and a help that states the default once. A bool field is a switch (store_true);
+    fields of one `group` share an argument group, in field order."""
+    import dataclasses
+
+    groups = {}
+    for field in dataclasses.fields(config_class):
+        help_text = field.metadata.get("help")
+        if not help_text:
+            continue
+        options = dict(field.metadata.get("argparse", {}))
+        group_name = options.pop("group", None)
+        shown = options.pop("default_text", None)
+        if group_name is not None and group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        target = groups.get(group_name, parser)
+        flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            options["action"] = "store_true"
+            shown = shown or ("on" if field.default else "off")
+        help_text = f"{help_text} (default: {field.default if shown is None else shown})"
+        # argparse %-formats help strings.
+        target.add_argument(flag, dest=field.name, default=field.default, help=help_text.replace("%", "%%"), **options)
+    return parser

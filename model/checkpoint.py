@@ -18,6 +18,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from backends import import_tensorflow_quietly
+
 
 class CheckpointError(Exception):
     """A checkpoint could not be written or loaded; the message says why."""
@@ -75,6 +77,8 @@ TRAINER_STATE_ENTRY = "trainer_state.json"
 def save_model(model, path: str | os.PathLike, trainer_state: dict | None = None) -> Path:
     """model.save() to `path` atomically; with `trainer_state`, that dict is stored in the
     same archive (read it back with read_trainer_state)."""
+
+    import_tensorflow_quietly()  # Keras' saving imports it (when installed): without its INFO lines
 
     def write(temp: Path) -> None:
         model.save(temp)
@@ -138,6 +142,7 @@ def load_model(path: str | os.PathLike):
         raise CheckpointError(f"checkpoint {path} is damaged ({error})") from None
     if damaged is not None:
         raise CheckpointError(f"checkpoint {path} is damaged (bad CRC in {damaged})")
+    import_tensorflow_quietly()  # as in save_model
     try:
         return keras.saving.load_model(path, safe_mode=True)
     except Exception as error:

@@ -1,5 +1,5 @@
 """The one definition of the MNIST CNN, written against `keras`; the one layer with a
-per-backend kernel (TiledMaxPooling2D) takes it from backends/.
+per-backend kernel (TiledMaxPooling2D) takes it from backends/ (model/backend.py).
 
 Input(28,28,1) -> Conv2D(32,3,relu) -> MaxPooling2D(2) -> Flatten -> Dense(128,relu)
 -> Dense(10,softmax): 693,962 parameters, the same network as the Keras 2 original.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import keras
 
+from model.backend import BACKEND
 from model.config import POOLINGS
 
 INPUT_SHAPE = (28, 28, 1)
@@ -21,12 +22,9 @@ class TiledMaxPooling2D(keras.layers.Layer):
     backend's fastest correct kernel (`max_pool` in backends/<backend>_backend.py).
 
     Same forward values as `keras.layers.MaxPooling2D(p)` when height and width are
-    divisible by p, gradients within 1e-5 (tested). Why it exists: under XLA (JAX,
-    TensorFlow) the stock layer's gradient is `select_and_scatter`, a scalar loop nest on
-    CPU (about 69 of 90 ms per step on JAX here), so XLA backends take the elementwise
-    maximum of the p*p strided sub-grids; on torch, Keras' `ops.max_pool` copies the
-    NHWC tensor to contiguous NCHW and back, so the torch kernel runs on a channels_last
-    view instead. The layer holds no weights and saves and loads on every backend.
+    divisible by p, gradients within 1e-5 (tested). Why it exists, per backend: the
+    `max_pool` docstrings in backends/. The layer holds no weights and saves and loads
+    on every backend.
     """
 
     def __init__(self, pool_size: int = 2, **kwargs):
@@ -48,9 +46,7 @@ class TiledMaxPooling2D(keras.layers.Layer):
             )
 
     def call(self, inputs):
-        from backends import backend_module
-
-        return backend_module().max_pool(inputs, self.pool_size)
+        return BACKEND.max_pool(inputs, self.pool_size)
 
     def get_config(self):
         return {**super().get_config(), "pool_size": self.pool_size}

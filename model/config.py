@@ -1,6 +1,9 @@
 """Defaults for a training run, in one place.
 
-`train.py` builds its flags from these values and the library functions take a
+Each `TrainConfig` field that is a command-line flag carries its help in its metadata
+(`setting(...)`); `train.py` builds its parser from the fields
+(`model.arguments.add_config_flags`), so a new setting is one edit here. The library
+functions and roles (module, data module, trainer) take their settings from a
 `TrainConfig`; nothing else in the project hard-codes a hyper-parameter.
 """
 
@@ -9,63 +12,90 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from model.arguments import accuracy_fraction, int_in_range, positive_float, positive_int
+
 BACKENDS = ("jax", "tensorflow", "torch")
 # Lightning's spelling (model/devices.py): "auto" takes GPUs when the framework sees any.
 ACCELERATORS = ("auto", "cpu", "gpu")
 STEPS = ("keras", "native")
 # "fast": TiledMaxPooling2D (model/cnn.py); "stock": keras.layers.MaxPooling2D.
 POOLINGS = ("fast", "stock")
+# Seeds feed numpy's generator, which takes 0 to 2**32 - 1.
+SEED_RANGE = (0, 2**32 - 1)
+# The flag that turns the augmentation settings off together (train.py).
+NO_AUGMENT = "--no-augment"
+DEVICES_GROUP = "more than one device (data parallel)"
+# A dry run is "one epoch of a few batches" (Lightning's fast_dev_run).
+DRY_RUN_BATCHES = 5
+
+
+def setting(default, help: str | None = None, *, flag: str | None = None, run_setting: bool = False, **argparse):
+    """A TrainConfig field. With `help` it is a command-line flag (`flag`, default
+    `--field-name`; `argparse` holds add_argument's type, choices, metavar, group and
+    default_text, the text shown when the default value alone says too little). A
+    `run_setting` defines the run's maths: stored in the resume checkpoint and refused on
+    --resume when a flag asks for another value."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "run_setting": run_setting,
+                                                         "argparse": argparse})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 128
-    # Peak Adam learning rate; it decays to zero along a cosine over the whole run.
-    lr: float = 2e-3
-    seed: int = 0
+    epochs: int = setting(20, "epochs to train", run_setting=True, type=positive_int)
+    batch_size: int = setting(128, "training batch size: the global batch, split evenly over all devices",
+                              run_setting=True, type=positive_int)
+    lr: float = setting(2e-3, "peak Adam learning rate (cosine decay to 0 over the run)", run_setting=True,
+                        type=positive_float)
+    seed: int = setting(0, f"seed for weights, split, order and augmentation, {SEED_RANGE[0]} to {SEED_RANGE[1]}",
+                        run_setting=True, type=int_in_range(*SEED_RANGE))
     # Keep an exponential moving average of the weights (Keras' Adam(use_ema=True)); the
     # trained model is the average. None turns it off.
-    ema_momentum: float | None = 0.999
+    ema_momentum: float | None = setting(0.999, run_setting=True)
     # Held out from the 60,000 training images with a seeded permutation.
-    validation_size: int = 5000
+    validation_size: int = setting(5000, run_setting=True)
     # Training-time augmentation, drawn per image and epoch from the seed: a shift of up
     # to shift_pixels on each axis, a rotation of up to rotation_degrees and a scale in
-    # [1 - zoom, 1 + zoom]. All zero turns it off; rotation and zoom zero give exact
-    # whole-pixel shifts.
-    shift_pixels: float = 2.0
-    rotation_degrees: float = 10.0
-    zoom: float = 0.1
+    # [1 - zoom, 1 + zoom]. All zero (--no-augment) turns it off; rotation and zoom zero
+    # give exact whole-pixel shifts.
+    shift_pixels: float = setting(2.0, flag=NO_AUGMENT, run_setting=True)
+    rotation_degrees: float = setting(10.0, flag=NO_AUGMENT, run_setting=True)
+    zoom: float = setting(0.1, flag=NO_AUGMENT, run_setting=True)
+    # Batch size of validation and testing (and of --target-accuracy's check): no
+    # gradients are kept, so larger batches than training's fit in memory.
+    eval_batch_size: int = setting(1000, "batch size of validation and testing", type=positive_int)
     # Lightning-style quick-check knobs.
-    limit_train_batches: int | None = None
-    dry_run: bool = False
+    limit_train_batches: int | None = setting(None, "train on at most N batches per epoch", run_setting=True,
+                                              type=positive_int, metavar="N", default_text="every batch")
+    dry_run: bool = setting(False, f"quick check: one epoch of at most {DRY_RUN_BATCHES} batches")
     # "keras": Keras' built-in train_step; "native": the backends/ step.
-    step: str = "keras"
-    # One of POOLINGS.
-    pooling: str = "fast"
-    data: str | None = None
-    output_dir: str = "runs/latest"
-    resume: bool = False
-    # Replace a previous run in output_dir (without it, a new run there is refused).
-    overwrite: bool = False
+    step: str = setting("keras", "Keras' built-in train step or the backends/ native one", run_setting=True,
+                        choices=STEPS)
+    pooling: str = setting("fast", "max-pool layer: TiledMaxPooling2D, each backend's fastest exact kernel (fast), "
+                                   "or keras.layers.MaxPooling2D (stock)", run_setting=True, choices=POOLINGS)
+    data: str | None = setting(None, "mnist.npz or a folder of IDX files", metavar="PATH",
+                               default_text="$MNIST_PATH, else the cache, else a download")
+    output_dir: str = setting("runs/latest", "where model.keras, run.json, curves.png go")
+    resume: bool = setting(False, "continue the run in OUTPUT_DIR from checkpoints/last.keras, with its settings")
+    overwrite: bool = setting(False, "replace the previous run in OUTPUT_DIR (without it, a new run there is refused)")
     # Whether steps are compiled (XLA for JAX/TF); None lets each backend use its fastest.
-    jit_compile: bool | None = None
-    # Stop once the test accuracy, checked at each epoch end, reaches this (e.g. 0.99);
-    # None trains every epoch (model/target_accuracy.py).
-    target_accuracy: float | None = None
-    # Data-parallel training (model/devices.py): devices per machine, machines, this
-    # machine's rank and the rank-0 machine's HOST:PORT (needed when num_nodes > 1).
-    # batch_size is the global batch, split evenly over devices * num_nodes replicas.
-    accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    node_rank: int = 0
-    coordinator: str | None = None
-    # A collective that waits longer than this (a worker died or hangs) stops the run.
-    collective_timeout_s: float = 300.0
-
-    # A dry run is "a few batches, one epoch".
-    DRY_RUN_BATCHES = 5
+    jit_compile: bool | None = setting(None)
+    target_accuracy: float | None = setting(
+        None, "stop after the first epoch whose test accuracy is at least A, e.g. 0.99", type=accuracy_fraction,
+        metavar="A", default_text="train every epoch")
+    # Data-parallel training (model/devices.py). batch_size is the global batch, split
+    # evenly over devices * num_nodes replicas.
+    accelerator: str = setting("auto", "auto: GPUs when the framework sees any, else CPU", choices=ACCELERATORS,
+                               group=DEVICES_GROUP)
+    devices: int = setting(1, "devices per machine (on CPU, N simulated devices sharing the cores)", type=positive_int,
+                           metavar="N", group=DEVICES_GROUP)
+    num_nodes: int = setting(1, "machines (jax and torch); run this command once on each", type=positive_int,
+                             metavar="M", group=DEVICES_GROUP)
+    node_rank: int = setting(0, "this machine's rank, 0..M-1", type=int, metavar="R", group=DEVICES_GROUP)
+    coordinator: str | None = setting(None, "address of the machine with --node-rank 0 (needed with --num-nodes > 1)",
+                                      metavar="HOST:PORT", group=DEVICES_GROUP, default_text="none")
+    collective_timeout_s: float = setting(300.0, "stop when a collective waits longer (a worker died or hangs)",
+                                          flag="--collective-timeout", type=positive_float, metavar="SECONDS",
+                                          group=DEVICES_GROUP)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -73,8 +103,8 @@ class TrainConfig:
     def effective(self) -> "TrainConfig":
         """The config the run really uses once --dry-run has been applied."""
         if self.dry_run:
-            limit = self.limit_train_batches or self.DRY_RUN_BATCHES
-            return self.replace(epochs=1, limit_train_batches=min(limit, self.DRY_RUN_BATCHES))
+            limit = self.limit_train_batches or DRY_RUN_BATCHES
+            return self.replace(epochs=1, limit_train_batches=min(limit, DRY_RUN_BATCHES))
         return self
 
     @property
@@ -92,16 +122,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# The settings that define a run's maths, each with the flag that sets it: stored in the
-# resume checkpoint, and refused on --resume when a flag asks for another value.
-RUN_SETTINGS = {
-    "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed",
-    "limit_train_batches": "--limit-train-batches", "step": "--step", "pooling": "--pooling",
-    "shift_pixels": "--no-augment", "rotation_degrees": "--no-augment", "zoom": "--no-augment",
-    "ema_momentum": None, "validation_size": None,
-}
-# Seeds feed numpy's generator, which takes 0 to 2**32 - 1.
-SEED_RANGE = (0, 2**32 - 1)
+def flag_of(field: dataclasses.Field) -> str | None:
+    """The command-line flag that sets `field` (None: no flag does)."""
+    if field.metadata.get("flag"):
+        return field.metadata["flag"]
+    return "--" + field.name.replace("_", "-") if field.metadata.get("help") else None
+
+
+# The settings that define a run's maths, each with the flag that sets it (None: none
+# does): stored in the resume checkpoint, and refused on --resume when a flag asks for
+# another value.
+RUN_SETTINGS = {field.name: flag_of(field) for field in dataclasses.fields(TrainConfig) if field.metadata.get("run_setting")}
 
 # The model predict.py and export.py use unless told otherwise: what train.py writes by default.
 DEFAULT_MODEL = f"{TrainConfig.output_dir}/model.keras"

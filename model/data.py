@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from model.checkpoint import atomic_write
 from model.config import TrainConfig
 
 TRAIN_SIZE = 60_000
@@ -257,28 +258,12 @@ def load_from_cache(cache_dir: Path) -> Arrays:
 
 
 def write_cache(arrays: Arrays, cache_dir: Path) -> Path:
-    """Write the cache atomically: a reader sees the old file or the new one, never half."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / CACHE_FILENAME
+    """Write the cache atomically (model.checkpoint.atomic_write): a reader sees the old
+    file or the new one, never half."""
     (x_train, y_train), (x_test, y_test) = arrays
-    handle = tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".mnist-", suffix=".npz.tmp", delete=False)
-    try:
-        with handle:
-            np.savez(
-                handle,
-                x_train=x_train,
-                y_train=y_train,
-                x_test=x_test,
-                y_test=y_test,
-                checksum=np.array(arrays_checksum(arrays)),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
+    checksum = np.array(arrays_checksum(arrays))
+    return atomic_write(cache_dir / CACHE_FILENAME, lambda temp: np.savez(
+        temp, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, checksum=checksum))
 
 
 def load_from_keras() -> Arrays:
@@ -525,3 +510,15 @@ class MNISTDataModule:
         strictly in order, so the batches of epoch e are exactly train_batches(e).)"""
         for epoch in range(first_epoch, stop_epoch):
             yield from self.train_batches(epoch)
+
+
+def datamodule_from(config: TrainConfig, **changes) -> MNISTDataModule:
+    """The data module `config` describes (not yet set up), with `changes` to its fields:
+    the one way train.py and the benchmarks build it."""
+    settings = dict(
+        batch_size=config.batch_size, validation_size=config.validation_size, seed=config.seed,
+        shift_pixels=config.shift_pixels, rotation_degrees=config.rotation_degrees, zoom=config.zoom,
+        path=config.data, limit_train_batches=config.limit_train_batches,
+        # Every batch must split evenly over the replicas (README: "More than one device").
+        drop_last=config.drop_last)
+    return MNISTDataModule(**{**settings, **changes})

@@ -84,14 +84,14 @@ def prepare_environment(config: TrainConfig, backend: str, environ=None) -> None
 def start_engine(config: TrainConfig):
     """The backend's DataParallel engine for `config`, or None for one device on one
     machine (the plain path, unchanged). Call before the module is built."""
-    from backends import backend_module
+    from model.backend import BACKEND
 
     if config.world_size == 1:
-        if config.accelerator == "gpu" and backend_module().device_name().startswith("cpu"):
+        if config.accelerator == "gpu" and BACKEND.device_name().startswith("cpu"):
             raise UsageError("--accelerator gpu: this backend sees no GPU; use --accelerator cpu or auto")
         return None
     try:
-        return backend_module().DataParallel(
+        return BACKEND.DataParallel(
             accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
             node_rank=config.node_rank, coordinator=config.coordinator, timeout_s=config.collective_timeout_s)
     except (RuntimeError, ValueError) as error:

@@ -44,8 +44,9 @@ def check_format(format: str, output: str | os.PathLike | None = None) -> str:
 
     missing = [name for name in FORMAT_PACKAGES[format] if importlib.util.find_spec(name) is None]
     if missing:
-        raise ExportError(f"format {format!r} needs {', '.join(missing)}; install them with: "
-                          "pip install -c constraints.txt '.[export]'")
+        from model.runtime import install_command
+
+        raise ExportError(f"format {format!r} needs {', '.join(missing)}; install them with: {install_command('export')}")
     if output is not None:
         check_output(format, output)
     return EXPORT_BACKENDS[format]

@@ -1,9 +1,12 @@
 """The module role: the CNN, what one step does, and its optimizer.
 
-`CNNModule` is a `keras.Model` that wraps `build_cnn()`. Its Lightning-style steps
-(`training_step`, `test_step`) share `_common_step(batch, stage)`, which returns the loss and logs `f"{stage}_loss"` and
-`f"{stage}_accuracy"`. Keras' `fit` drives it: with `step="keras"` Keras' built-in
-train step runs; with `step="native"` the backend's own step from `backends/` does.
+`CNNModule` is a `keras.Model` that wraps `build_cnn()`. Its Lightning roles say what one
+step computes: `training_step(batch)` and `validation_step(batch)` (used for validation
+and testing alike, as Keras' evaluate uses one `test_step`) return the batch's loss and
+probabilities. Keras' `fit` and `evaluate` drive it through Keras' hooks `train_step` and
+`test_step`: with `step="keras"` Keras' built-in step runs; with `step="native"` the
+backend's own step (`backends/<backend>_backend.py`), which calls the roles above.
+Its settings (lr, EMA, pooling, step) default to `TrainConfig`'s.
 """
 
 from __future__ import annotations
@@ -11,21 +14,22 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from model.backend import BACKEND
 from model.cnn import build_cnn
-from model.config import STEPS
-
-STAGES = ("train", "val", "test")
-
+from model.config import STEPS, TrainConfig
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class CNNModule(keras.Model):
-    def __init__(self, lr: float = 1e-3, decay_steps: int = 0, pooling: str = "fast", step: str = "keras",
-                 ema_momentum: float | None = None, **kwargs):
+    def __init__(self, lr: float = TrainConfig.lr, decay_steps: int | None = None, pooling: str = TrainConfig.pooling,
+                 step: str = TrainConfig.step, ema_momentum: float | None = TrainConfig.ema_momentum, **kwargs):
+        """`decay_steps`: the updates over which the learning rate falls to 0 along a
+        cosine; 0 keeps it constant; None: the whole run, which the Trainer sets when it
+        compiles the module (epochs times batches per epoch, after limit_train_batches)."""
         super().__init__(**kwargs)
         if step not in STEPS:
             raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
         self.lr = float(lr)
-        self.decay_steps = int(decay_steps)
+        self.decay_steps = None if decay_steps is None else int(decay_steps)
         self.pooling = pooling
         self.step = step
         self.ema_momentum = ema_momentum
@@ -49,6 +53,8 @@ class CNNModule(keras.Model):
         """Adam; with decay_steps > 0 the learning rate follows a cosine from lr to 0. With
         ema_momentum, Keras keeps an exponential moving average of the weights and puts it
         in place of the weights when fit() ends (the averaged net generalises better)."""
+        if self.decay_steps is None:
+            raise ValueError("decay_steps is None: the Trainer sets it from the run's length before compiling")
         learning_rate = self.lr
         if self.decay_steps > 0:
             learning_rate = keras.optimizers.schedules.CosineDecay(self.lr, self.decay_steps)
@@ -70,39 +76,35 @@ class CNNModule(keras.Model):
     # ------------------------------------------------------------------ steps
 
     def _common_step(self, batch, stage: str, probabilities=None):
-        """(loss, probabilities, logs) of one batch. `probabilities` may be passed in by a
-        caller that ran the forward pass itself (the stateless JAX step)."""
-        if stage not in STAGES:
-            raise ValueError(f"Unsupported stage. Received: stage={stage!r}; valid: {', '.join(STAGES)}")
+        """(loss, probabilities) of one batch. `probabilities` may be passed in by a caller
+        that ran the forward pass itself (the stateless JAX step, torch's DDP wrapper)."""
         images, labels = batch
         if probabilities is None:
             probabilities = self(images, training=stage == "train")
         loss = ops.mean(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
-        hits = ops.equal(ops.argmax(probabilities, axis=-1), ops.cast(labels, "int32"))
-        accuracy = ops.mean(ops.cast(hits, "float32"))
-        return loss, probabilities, {f"{stage}_loss": loss, f"{stage}_accuracy": accuracy}
+        return loss, probabilities
+
+    # Lightning's roles: what one step computes.
 
     def training_step(self, batch, probabilities=None):
         return self._common_step(batch, "train", probabilities)
 
-    def test_step(self, *args):
-        """Keras calls this once per evaluation batch: (data) on TF/torch, (state, data)
-        on JAX. The native step runs `_common_step(batch, "test")`."""
-        if self.step == "keras":
-            return super().test_step(*args)
-        from backends import native_test_step
+    def validation_step(self, batch, probabilities=None):
+        return self._common_step(batch, "val", probabilities)
 
-        return native_test_step(self, *args)
+    # Keras' hooks, called by fit and evaluate: (data) on TF/torch, (state, data) on JAX.
 
     def train_step(self, *args):
-        """Keras calls this once per batch: (data) on TF/torch, (state, data) on JAX."""
         if self.replicated_step is not None:
             return self.replicated_step(self, *args)
         if self.step == "keras":
             return super().train_step(*args)
-        from backends import native_train_step
+        return BACKEND.train_step(self, *args)
 
-        return native_train_step(self, *args)
+    def test_step(self, *args):
+        if self.step == "keras":
+            return super().test_step(*args)
+        return BACKEND.test_step(self, *args)
 
     # ------------------------------------------------------------------ saving
 

@@ -14,11 +14,17 @@ import random
 import sys
 from pathlib import Path
 
+from backends import framework_environment, framework_flags_in_effect, import_framework_quietly
 from model.config import BACKENDS
 
 
 class UsageError(Exception):
     """Bad input from the user; the message is one line and says what to do."""
+
+
+def install_command(extra: str) -> str:
+    """The command that installs this project's optional dependencies `extra`."""
+    return f"pip install -c constraints.txt '.[{extra}]'"
 
 
 def configured_backend() -> tuple[str, str]:
@@ -49,10 +55,8 @@ def select_backend(requested: str | None = None) -> str:
             raise UsageError(f"keras is already running on {keras.backend.backend()!r}; start a new process for {backend!r}")
     if importlib.util.find_spec(backend) is None:  # each backend's package bears its name
         raise UsageError(
-            f"backend {backend!r} is not installed; install it with: pip install -c constraints.txt '.[{backend}]'"
+            f"backend {backend!r} is not installed; install it with: {install_command(backend)}"
         )
-    from backends import framework_environment, import_framework_quietly
-
     os.environ.update(framework_environment(backend))
     os.environ["KERAS_BACKEND"] = backend
     import_framework_quietly(backend)
@@ -97,9 +101,8 @@ def describe_runtime() -> dict:
     import keras
     import numpy
 
-    from backends import backend_module, framework_flags_in_effect
+    from model.backend import BACKEND as backend
 
-    backend = backend_module()
     versions = {"python": platform.python_version(), "keras": keras.__version__, "numpy": numpy.__version__}
     versions.update(backend.versions())
     return {

@@ -14,6 +14,8 @@ import time
 import keras
 import numpy as np
 
+from model.config import TrainConfig
+
 
 class StopAtTargetAccuracy(keras.callbacks.Callback):
     """Check the accuracy on (images, labels) after every epoch; stop when it is >= target.
@@ -21,7 +23,7 @@ class StopAtTargetAccuracy(keras.callbacks.Callback):
     `records` gets one dict per epoch: epoch, test_accuracy, epoch_end (perf_counter when
     the epoch's training and validation ended) and evaluation_s (the check's own time)."""
 
-    def __init__(self, images, labels, target: float, log=print, batch_size: int = 1000):
+    def __init__(self, images, labels, target: float, log=print, batch_size: int = TrainConfig.eval_batch_size):
         super().__init__()
         self.images, self.labels, self.target = images, np.asarray(labels), target
         self.log, self.batch_size = log, batch_size

@@ -26,9 +26,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from model.backend import BACKEND
 from model.checkpoint import TRAINER_STATE_FORMAT, CheckpointError, load_model, read_trainer_state, save_model
 from model.cnn import portable_network
+from model.config import TrainConfig
 from model.data import MNISTDataModule
+from model.module import CNNModule
+from model.timing import WARMUP_STEPS, past_warmup
 
 LAST_CHECKPOINT = "last.keras"
 BEST_CHECKPOINT = "best.keras"
@@ -127,12 +131,11 @@ class StepTimer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
 
-    def step_ms_median(self, warmup_steps: int = 5) -> float | None:
-        """Median step time, leaving out the first steps (tracing/compilation)."""
-        steps = [s for s in self.step_seconds[0][warmup_steps:]] if self.step_seconds else []
-        for later in self.step_seconds[1:]:
-            steps.extend(later)
-        return float(np.median(steps) * 1000) if steps else None
+    def step_ms_median(self, warmup_steps: int = WARMUP_STEPS) -> float | None:
+        """Median step time, leaving out the run's first steps (model.timing)."""
+        steps = np.concatenate([past_warmup(self.step_seconds[0], warmup_steps), *self.step_seconds[1:]]
+                               ) if self.step_seconds else []
+        return float(np.median(steps) * 1000) if len(steps) else None
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -200,10 +203,12 @@ class ValidateUnsharded(keras.callbacks.Callback):
 
 @dataclass
 class Trainer:
-    max_epochs: int = 15
+    max_epochs: int = TrainConfig.epochs
     callbacks: list = field(default_factory=list)
-    limit_train_batches: int | None = None
-    fast_dev_run: bool = False
+    # At most this many batches per epoch (None: the data module's own limit, if any).
+    limit_train_batches: int | None = TrainConfig.limit_train_batches
+    # Batch size of validation and testing.
+    eval_batch_size: int = TrainConfig.eval_batch_size
     deterministic: bool = False
     jit_compile: bool | str = "auto"
     checkpoint_dir: str | Path | None = None
@@ -214,8 +219,6 @@ class Trainer:
     engine: object = None
 
     def __post_init__(self):
-        if self.fast_dev_run:
-            self.max_epochs, self.limit_train_batches = 1, min(self.limit_train_batches or 5, 5)
         self.timer = StepTimer()
         self.history: list[dict] = []
 
@@ -226,32 +229,28 @@ class Trainer:
         loaded from the last checkpoint when resuming). Raises TrainingInterrupted after
         a Ctrl-C, NonFiniteLossError after a NaN/inf loss, CheckpointError when a
         checkpoint cannot be read or written."""
-        from backends import backend_module
-
-        backend = backend_module()
-        backend.configure(deterministic=self.deterministic)
-        if self.jit_compile == "auto":
-            self.jit_compile = backend.default_jit_compile(self.deterministic)
+        BACKEND.configure(deterministic=self.deterministic)
+        self.jit_compile = self._jit_compile()
         if self.engine is not None:  # data parallel: the engine says what it can compile
             self.jit_compile = self.engine.jit_compile(self.jit_compile)
+        # Before the module is compiled: its learning-rate schedule spans the limited run.
         if self.limit_train_batches:
             datamodule.limit_train_batches = self.limit_train_batches
         initial_epoch, history, best = 0, [], None
         with self._engine_scope():  # TensorFlow: variables made here are mirrored
             if resume:
                 module, initial_epoch, history, best = self._restore(datamodule)
-            if not module.compiled:
-                module.configure(jit_compile=self.jit_compile)
-        backend.fuse_optimizer(module.optimizer)
+            self._compile(module, datamodule)
+        BACKEND.fuse_optimizer(module.optimizer)
         interrupt = StopOnInterrupt()
         callbacks = [StopOnNonFiniteLoss(), interrupt, self.timer]
         validation = (datamodule.x_val, datamodule.y_val) if len(datamodule.x_val) else None
-        data = backend.training_data(datamodule, initial_epoch, self.max_epochs)
+        data = BACKEND.training_data(datamodule, initial_epoch, self.max_epochs)
         if self.engine is not None:
             self.engine.replicate(module)
             data = self.engine.local_batches(data)
             if validation is not None:
-                callbacks.insert(0, ValidateUnsharded(self.engine, *validation, max(datamodule.batch_size, 1000)))
+                callbacks.insert(0, ValidateUnsharded(self.engine, *validation, self.eval_batch_size))
                 validation = None
         checkpoint = None
         if self.checkpoint_dir is not None and self.is_main:  # written once, by rank 0
@@ -271,6 +270,7 @@ class Trainer:
                     epochs=self.max_epochs,
                     initial_epoch=initial_epoch,
                     validation_data=validation,
+                    validation_batch_size=self.eval_batch_size,
                     batch_size=None,
                     callbacks=callbacks,
                     verbose=self.verbose if self.is_main else 0,
@@ -300,6 +300,19 @@ class Trainer:
         """Whether this process writes logs, files and checkpoints (rank 0)."""
         return self.engine is None or self.engine.is_main
 
+    def _jit_compile(self) -> bool:
+        return BACKEND.default_jit_compile(self.deterministic) if self.jit_compile == "auto" else self.jit_compile
+
+    def _compile(self, module: CNNModule, datamodule: MNISTDataModule) -> None:
+        """Compile `module` unless it is: a learning-rate schedule left open (decay_steps
+        None) spans the whole run, max_epochs of the data module's (limited) batches, as
+        Lightning's estimated_stepping_batches does."""
+        if module.compiled:
+            return
+        if module.decay_steps is None:
+            module.decay_steps = self.max_epochs * datamodule.steps_per_epoch
+        module.configure(jit_compile=self._jit_compile())
+
     def _engine_scope(self):
         return self.engine.scope() if self.engine is not None else contextlib.nullcontext()
 
@@ -311,8 +324,6 @@ class Trainer:
         last = Path(self.checkpoint_dir) / LAST_CHECKPOINT
         state = read_trainer_state(last)
         module = load_model(last)
-        from model.module import CNNModule
-
         if not isinstance(module, CNNModule) or getattr(module, "optimizer", None) is None:
             raise CheckpointError(f"{last} is a model without its optimizer state, not a resume checkpoint; "
                                   "start a new run")
@@ -344,21 +355,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluate
 
-    def validate(self, module, datamodule: MNISTDataModule) -> dict:
-        return self._evaluate(module, datamodule.x_val, datamodule.y_val, "val", datamodule.batch_size)
-
     def test(self, module, datamodule: MNISTDataModule) -> dict:
-        return self._evaluate(module, datamodule.x_test, datamodule.y_test, "test", datamodule.batch_size)
-
-    def predict(self, module, images, batch_size: int = 1024):
-        return module.predict(images, batch_size=batch_size, verbose=0)
-
-    def _evaluate(self, module, images, labels, stage: str, batch_size: int) -> dict:
-        if not module.compiled:
-            from backends import backend_module
-
-            jit_compile = backend_module().default_jit_compile(self.deterministic) if self.jit_compile == "auto" else self.jit_compile
-            module.configure(jit_compile=jit_compile)
+        """{"test_loss", "test_accuracy"} on the data module's test set."""
+        self._compile(module, datamodule)
         with self.engine.unsharded() if self.engine is not None else contextlib.nullcontext():
-            logs = module.evaluate(images, labels, batch_size=max(batch_size, 1000), verbose=0, return_dict=True)
-        return {f"{stage}_{name}": float(value) for name, value in logs.items()}
+            logs = module.evaluate(datamodule.x_test, datamodule.y_test, batch_size=self.eval_batch_size, verbose=0,
+                                   return_dict=True)
+        return {f"test_{name}": float(value) for name, value in logs.items()}
+
+    def predict(self, module, images):
+        return module.predict(images, batch_size=self.eval_batch_size, verbose=0)

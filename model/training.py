@@ -91,13 +91,11 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def prepare_run(config: TrainConfig, arrays=None):
+def prepare_run(config: TrainConfig):
     """(module, datamodule, trainer) exactly as train.py uses them; the benchmark's
     keras-fit cells call this too, so they time the same code path."""
-    import contextlib
-
     from model.cnn import seeded_weights
-    from model.data import MNISTDataModule
+    from model.data import datamodule_from
     from model.devices import start_engine
     from model.module import CNNModule
     from model.runtime import seed_everything
@@ -107,29 +105,19 @@ def prepare_run(config: TrainConfig, arrays=None):
     # Data parallel: the engine exists before the module, whose variables it lays out.
     engine = start_engine(config)
     seed_everything(config.seed)
-    datamodule = MNISTDataModule(
-        batch_size=config.batch_size,
-        validation_size=config.validation_size,
-        seed=config.seed,
-        shift_pixels=config.shift_pixels,
-        rotation_degrees=config.rotation_degrees,
-        zoom=config.zoom,
-        path=config.data,
-        limit_train_batches=config.limit_train_batches,
-        # Every batch must split evenly over the replicas (README: "More than one device").
-        drop_last=config.drop_last,
-    ).setup(arrays)
+    datamodule = datamodule_from(config).setup()
     with engine.scope() if engine is not None else contextlib.nullcontext():
-        module = CNNModule(lr=config.lr, decay_steps=config.epochs * datamodule.steps_per_epoch,
-                           pooling=config.pooling, step=config.step, ema_momentum=config.ema_momentum)
+        # decay_steps left to the Trainer: the cosine spans the run it trains.
+        module = CNNModule(lr=config.lr, pooling=config.pooling, step=config.step, ema_momentum=config.ema_momentum)
         # Weights drawn with numpy: every backend starts from the same numbers for a seed.
         module.network.set_weights(seeded_weights(module.network, config.seed))
     jit_compile = "auto" if config.jit_compile is None else config.jit_compile
     checkpoint_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
-    trainer = Trainer(max_epochs=config.epochs, jit_compile=jit_compile, checkpoint_dir=checkpoint_dir,
-                      run_settings=run_settings(config), engine=engine)
+    trainer = Trainer(max_epochs=config.epochs, eval_batch_size=config.eval_batch_size, jit_compile=jit_compile,
+                      checkpoint_dir=checkpoint_dir, run_settings=run_settings(config), engine=engine)
     if config.target_accuracy is not None:
-        trainer.callbacks.append(StopAtTargetAccuracy(datamodule.x_test, datamodule.y_test, config.target_accuracy))
+        trainer.callbacks.append(StopAtTargetAccuracy(datamodule.x_test, datamodule.y_test, config.target_accuracy,
+                                                      batch_size=config.eval_batch_size))
     return module, datamodule, trainer
 
 
@@ -174,7 +162,7 @@ def train_in_directory(config: TrainConfig, output_dir: Path, log, resumed_from:
     """The training itself, in an output dir already locked and checked (by this process,
     or by the data-parallel launcher that started it); under data parallel only rank 0
     logs and writes, and the other ranks return {}."""
-    from backends import backend_module
+    from model.backend import BACKEND
     from model.checkpoint import CheckpointError, save_model, write_json
     from model.cnn import portable_network
     from model.runtime import describe_runtime
@@ -221,7 +209,7 @@ def train_in_directory(config: TrainConfig, output_dir: Path, log, resumed_from:
         "epoch_seconds": trainer.timer.epoch_seconds,
         "step_ms_median": trainer.timer.step_ms_median(),
         "wall_seconds": time.perf_counter() - started,
-        "peak_device_mb": backend_module().peak_device_memory_mb(),
+        "peak_device_mb": BACKEND.peak_device_memory_mb(),
         **replica_check,
     }
     title = f"MNIST CNN, {runtime['backend']} on {runtime['device']}: test accuracy {test['test_accuracy']:.4f}"

@@ -53,7 +53,7 @@ def short_training(workdir: Path) -> dict:
     from model.trainer import Trainer
 
     datamodule = MNISTDataModule(batch_size=128, seed=0, limit_train_batches=32).setup()
-    module = CNNModule(lr=1e-3)
+    module = CNNModule(lr=1e-3, decay_steps=0, ema_momentum=None)
     module.network.set_weights(seeded_weights(module.network, 0))
     trainer = Trainer(max_epochs=2, verbose=0)
     before = trainer.test(module, datamodule)
@@ -148,10 +148,11 @@ def _datamodule(**overrides):
 
 
 def _module(step: str = "keras", seed: int = 0, **kwargs):
+    """A seeded CNNModule; Adam at a constant 1e-3 without a weight average unless `kwargs` say otherwise."""
     from model.cnn import seeded_weights
     from model.module import CNNModule
 
-    module = CNNModule(step=step, **kwargs)
+    module = CNNModule(step=step, **{"lr": 1e-3, "decay_steps": 0, "ema_momentum": None, **kwargs})
     module.network.set_weights(seeded_weights(module.network, seed))
     return module
 

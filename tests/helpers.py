@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from model.config import BACKENDS  # noqa: F401  (the tests' backend parameters)
+from model.runtime import install_command
+
 REPO = Path(__file__).resolve().parents[1]
-BACKENDS = ("jax", "tensorflow", "torch")
 # The key under which the cross_loaded fixture holds train.py's own model.keras.
 TRAIN_PY_MODEL = "train.py model.keras"
 
@@ -20,7 +22,7 @@ TRAIN_PY_MODEL = "train.py model.keras"
 def require_backend(backend: str) -> None:
     """Skip, with the reason, when a backend's framework is not installed."""
     if not installed(backend):
-        pytest.skip(f"{backend} is not installed (pip install -c constraints.txt '.[{backend}]')")
+        pytest.skip(f"{backend} is not installed ({install_command(backend)})")
 
 
 def backend_env(backend: str, **extra) -> dict:

@@ -9,6 +9,7 @@ import hashlib
 import os
 import pickle
 import shlex
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -338,6 +339,17 @@ def test_valid_cache_is_used_before_later_sources(mnist_arrays, tmp_path, monkey
     sources = [cache_source(tmp_path, monkeypatch), failing_source("download", "must not be reached")]
     assert_arrays_equal(load_mnist(cache_dir=tmp_path, sources=sources, log=messages.append), mnist_arrays)
     assert messages == []
+
+
+def test_cache_is_written_atomically_with_the_permissions_of_a_plain_write(mnist_arrays, tmp_path):
+    """The cache goes through the checkpoints' atomic write: no temp file left, and
+    readable as a plain write would make it (a bare temp file is 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = write_cache(mnist_arrays, tmp_path)
+    assert os.listdir(tmp_path) == [CACHE_FILENAME]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert_arrays_equal(load_from_cache(tmp_path), mnist_arrays)
 
 
 def _truncate(path: Path):

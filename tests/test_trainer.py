@@ -1,5 +1,7 @@
 """The trainer's pieces that no full run pins down: StepTimer's median, which epoch
-best.keras holds, the "keras already imported" error, and --no-augment.
+best.keras holds, the "keras already imported" error, --no-augment, the roles' defaults,
+the evaluation batch size, the cosine's length under limit_train_batches, and no
+TensorFlow INFO lines when Keras saves on another backend.
 
 They do not depend on the backend, so they run once, on torch (the quickest to start):
 one Python process for the trainer's pieces and one train.py dry run, started together."""
@@ -7,6 +9,7 @@ one Python process for the trainer's pieces and one train.py dry run, started to
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -46,7 +49,7 @@ out["median_ms_warmup_only"] = timer.step_ms_median()
 # best.keras: the network of the epoch with the highest val_accuracy. Each epoch's
 # network gets a marker in its output bias, read back from the saved files.
 folder = Path(sys.argv[1])
-module = CNNModule()
+module = CNNModule(decay_steps=0)
 module.configure()
 checkpoint = AtomicCheckpoint(folder)
 checkpoint.set_model(module)
@@ -61,6 +64,36 @@ out["best_markers"] = markers
 out["last_marker"] = float(keras.ops.convert_to_numpy(
     load_model(folder / LAST_CHECKPOINT).network.get_layer("probabilities").bias)[0])
 out["state"] = read_trainer_state(folder / LAST_CHECKPOINT)
+
+# The roles' defaults are TrainConfig's.
+from model.config import TrainConfig
+from model.data import MNISTDataModule
+from model.trainer import Trainer
+
+defaults = CNNModule()
+out["module_defaults"] = [defaults.lr, defaults.ema_momentum, defaults.pooling, defaults.step]
+out["trainer_defaults"] = [Trainer().max_epochs, Trainer().eval_batch_size]
+out["config_defaults"] = [TrainConfig.lr, TrainConfig.ema_momentum, TrainConfig.pooling, TrainConfig.step,
+                          TrainConfig.epochs, TrainConfig.eval_batch_size]
+
+# A fit of 2 epochs limited to 3 batches by the Trainer (the data module has no limit):
+# the cosine spans the 6 steps that run. Validation (500 images) and testing (1,000)
+# run in batches of eval_batch_size 200: every test_step call is counted.
+datamodule = MNISTDataModule(validation_size=500).setup()
+datamodule.x_test, datamodule.y_test = datamodule.x_test[:1000], datamodule.y_test[:1000]
+limited = CNNModule(ema_momentum=None)
+evaluated = []
+test_step = limited.test_step
+limited.test_step = lambda *args: evaluated.append(1) or test_step(*args)
+trainer = Trainer(max_epochs=2, limit_train_batches=3, eval_batch_size=200, verbose=0)
+trainer.fit(limited, datamodule)
+out["decay_steps"] = limited.decay_steps
+out["final_learning_rate"] = float(keras.ops.convert_to_numpy(limited.optimizer.learning_rate))
+out["steps_run"] = int(keras.ops.convert_to_numpy(limited.optimizer.iterations))
+out["validation_batches"] = len(evaluated)
+evaluated.clear()
+trainer.test(limited, datamodule)
+out["test_batches"] = len(evaluated)
 
 # A process holds one backend: asking for another once keras runs is a one-line error.
 try:
@@ -83,7 +116,9 @@ def trainer_runs(tmp_path_factory):
                              root / "no-augment"], None, root / "logs-no-augment")
     result = pieces.wait(300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), (dry_run.wait(300), root / "no-augment")
+    pieces_out = json.loads(result.stdout.strip().splitlines()[-1])
+    pieces_out["stderr"] = result.stderr
+    return pieces_out, (dry_run.wait(300), root / "no-augment")
 
 
 def test_step_timer_records_each_step_and_medians_past_warm_up(trainer_runs):
@@ -116,3 +151,33 @@ def test_no_augment_trains_on_the_plain_images(trainer_runs):
     config = json.loads((output / "run.json").read_text())["config"]
     assert (config["shift_pixels"], config["rotation_degrees"], config["zoom"]) == (0.0, 0.0, 0.0)
     assert config["epochs"] == 1 and config["limit_train_batches"] == 5
+
+
+def test_roles_take_their_defaults_from_the_config(trainer_runs):
+    pieces, _ = trainer_runs
+    assert pieces["module_defaults"] + pieces["trainer_defaults"] == pieces["config_defaults"]
+
+
+def test_the_cosine_spans_the_limited_run(trainer_runs):
+    """Trainer(limit_train_batches=3) for 2 epochs: the learning rate reaches 0 after the
+    6 steps that run, not after 2 whole epochs."""
+    pieces, _ = trainer_runs
+    assert pieces["steps_run"] == 6
+    assert pieces["decay_steps"] == 6
+    assert pieces["final_learning_rate"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_validation_and_testing_run_at_the_evaluation_batch_size(trainer_runs):
+    pieces, _ = trainer_runs
+    assert pieces["validation_batches"] == 2 * 3  # 2 epochs of 500 images in batches of 200 (Keras' own: 32)
+    assert pieces["test_batches"] == 5  # 1,000 images in batches of 200
+
+
+def test_saving_on_torch_prints_no_tensorflow_info_lines(trainer_runs):
+    """Keras' .keras saving imports TensorFlow when it is installed, on every backend; its
+    early INFO lines ("I0000 ... oneDNN custom operations are on") stay out
+    (backends.import_tensorflow_quietly)."""
+    pieces, _ = trainer_runs
+    chatter = [line for line in pieces["stderr"].splitlines()
+               if re.match(r"I\d{4} ", line) or "absl::InitializeLog" in line or "oneDNN" in line]
+    assert not chatter, chatter

@@ -1,5 +1,6 @@
 """In-process tests of model/training.py and model/runtime.py that need no Keras backend:
-the curves figure and where the backend choice comes from."""
+the curves figure, where the backend choice comes from, and the one-way dependencies
+(entry scripts -> model/ -> backends/)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,31 @@ def test_train_py_names_keras_json_in_an_unknown_backend_error(keras_home):
                             env={**__import__("os").environ})
     assert result.returncode == 2, result.stderr
     assert f"unknown backend 'mxnet' (from {keras_home / 'keras.json'})" in result.stderr
+
+
+def _imports(path):
+    """(module imported, whether at the file's top level) for each import in `path`."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module, id(node) in top, [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, id(node) in top, []
+
+
+def test_dependencies_point_one_way():
+    """entry scripts -> model/ -> backends/ (README 'Layout'): backends/ never imports
+    model/; model/ imports backends/ only at a file's top, and reaches a backend's file
+    only through model/backend.py (resolved once)."""
+    for path in sorted((REPO / "backends").glob("*.py")):
+        assert not [name for name, _, _ in _imports(path) if name.split(".")[0] == "model"], path
+    for path in sorted((REPO / "model").glob("*.py")):
+        for name, at_top, names in _imports(path):
+            if name.split(".")[0] != "backends":
+                continue
+            assert at_top, f"{path.name} imports {name} inside a function"
+            assert path.name == "backend.py" or "backend_module" not in names, f"{path.name} looks up a backend file"
