@@ -24,7 +24,7 @@ from pathlib import Path
 from benchmarks.cells import REPO, Cell, cell_environment, empty_result
 from benchmarks.initial_weights import CNN_WEIGHT_SHAPES
 from benchmarks.machine import commit_info, describe_machine, package_versions, steal_counters, steal_pct
-from benchmarks.measure import ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY
+from benchmarks.measure import ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY, no_gpu_reason
 from benchmarks.report import load_runs, make_readable, write_report
 from benchmarks.rounds import ANCHOR_PATH, run_rounds
 from benchmarks.summary import summarize_cells
@@ -43,12 +43,14 @@ MODES = {
              "other_path_rounds": None,
              "target_accuracy": 0.99, "limit_train_batches": None, "test_images": None, "validate": False,
              "predict_warmup": {"1": 20, "1024": 3}, "predict_calls": {"1": 200, "1024": 20},
-             "floor_min_seconds": 0.3, "whole_epoch_data": True, "timeout_s": 300, "time_to_accuracy_timeout_s": 1800},
+             "floor": {"min_seconds": 0.3, "triad_megabytes": 512, "large_sgemm": True},
+             "whole_epoch_data": True, "timeout_s": 300, "time_to_accuracy_timeout_s": 1800},
     "quick": {"rounds": 2, "warmup_steps": 3, "window_steps": 10, "time_to_accuracy_rounds": 1, "predict_rounds": 1,
               "other_path_rounds": 1,
               "target_accuracy": 0.7, "limit_train_batches": 50, "test_images": 2000, "validate": False,
               "predict_warmup": {"1": 3, "1024": 1}, "predict_calls": {"1": 20, "1024": 2},
-              "floor_min_seconds": 0.1, "whole_epoch_data": False, "timeout_s": 180, "time_to_accuracy_timeout_s": 300},
+              "floor": {"min_seconds": 0.05, "triad_megabytes": 64, "large_sgemm": False},
+              "whole_epoch_data": False, "timeout_s": 180, "time_to_accuracy_timeout_s": 300},
 }
 DEFAULT_RESULTS_DIR = REPO / "benchmarks" / "results"
 # Tried in this order for the one process that builds the predict model.
@@ -64,6 +66,7 @@ def run_settings(mode: str, cells: list[Cell], overrides: dict) -> dict:
         batch_sizes=sorted({cell.batch_size for cell in cells if cell.path in PATHS}),
         backends=list(dict.fromkeys(cell.backend for cell in cells)),
         devices=list(dict.fromkeys(cell.device for cell in cells)),
+        device_counts=sorted({cell.device_count for cell in cells if cell.path in PATHS}),
         paths=list(dict.fromkeys(cell.path for cell in cells)),
         train_config={key: value for key, value in defaults.to_dict().items()
                       if key not in ("batch_size", "limit_train_batches", "dry_run", "output_dir", "resume")},
@@ -125,7 +128,7 @@ def rounds_for(cell: Cell, settings: dict) -> int:
         return settings["time_to_accuracy_rounds"]
     if cell.path == PREDICT:
         return settings["predict_rounds"] or settings["rounds"]
-    if cell.path in PATHS and cell.path not in (ANCHOR_PATH, "framework"):
+    if cell.path in PATHS and (cell.path not in (ANCHOR_PATH, "framework") or cell.device_count > 1):
         return settings["other_path_rounds"] or settings["rounds"]
     return settings["rounds"]
 
@@ -138,12 +141,16 @@ def cell_spec(cell: Cell, settings: dict, prepared: dict) -> dict:
         return {"model": prepared["model"], "onnx": prepared["onnx"], "warmup": settings["predict_warmup"],
                 "calls": settings["predict_calls"]}
     return {"warmup_steps": settings["warmup_steps"], "window_steps": settings["window_steps"],
-            "floor_min_seconds": settings["floor_min_seconds"], "whole_epoch_data": settings["whole_epoch_data"],
+            "floor": settings["floor"], "whole_epoch_data": settings["whole_epoch_data"],
             "model_shape": model_shape(prepared, cell.batch_size)}
 
 
-def unpreparable(cell: Cell, prepared: dict) -> str | None:
-    """Why a predict cell cannot run (its model or export is missing), else None."""
+def unpreparable(cell: Cell, prepared: dict, no_gpu: str | None = None) -> str | None:
+    """Why a cell cannot run: a GPU cell on a machine without one (`no_gpu`, decided once
+    here instead of in a process per cell), a predict cell whose model or export is
+    missing; else None."""
+    if cell.device == "gpu" and no_gpu:
+        return no_gpu
     if cell.path != PREDICT:
         return None
     if prepared["model"] is None:
@@ -179,8 +186,12 @@ def run_suite(cells: list[Cell], mode: str = "full", output_dir: str | Path | No
         prepared = (prepare_model(Path(folder), settings["batch_sizes"] or [TrainConfig.batch_size], stream,
                                   onnx=any(cell.backend == ONNX_RUNTIME for cell in cells))
                     if needs_model else {"model": None, "onnx": None, "flops_per_image": None, "largest_matmul": {}})
-        blocked = {cell: unpreparable(cell, prepared) for cell in cells}
+        no_gpu = no_gpu_reason() if any(cell.device == "gpu" for cell in cells) else None
+        blocked = {cell: unpreparable(cell, prepared, no_gpu) for cell in cells}
         runnable = [cell for cell in cells if not blocked[cell]]
+        if len(runnable) < len(cells):
+            stream.write(f"{len(cells) - len(runnable)} cells not started: "
+                         f"{'; '.join(dict.fromkeys(reason for reason in blocked.values() if reason))}\n")
         results = run_rounds(
             runnable, order_seed=settings["order_seed"], stream=stream,
             rounds_for=lambda cell: rounds_for(cell, settings),
@@ -196,7 +207,7 @@ def run_suite(cells: list[Cell], mode: str = "full", output_dir: str | Path | No
             if cell.path in PATHS:
                 result["flops_per_image"] = prepared["flops_per_image"]
         rows.append({"machine": machine["slug"], "backend": cell.backend, "device": cell.device, "path": cell.path,
-                     "batch_size": cell.batch_size, "rounds": rounds})
+                     "batch_size": cell.batch_size, "device_count": cell.device_count, "rounds": rounds})
     run = {"benchmark": "mnist-cnn-backends", "edition": 2, "machine": machine, "commit": commit,
            "datetime": when.isoformat(timespec="seconds").replace("+00:00", "Z"), "versions": versions,
            "settings": settings, "cells": rows}
