@@ -2,7 +2,7 @@
 time to a target accuracy, and inference; write a results JSON, a Markdown report and a chart.
 
     python benchmarks/compare.py                      # full: 5 rounds of every cell
-    python benchmarks/compare.py --quick              # every cell, short rounds (about 5 minutes)
+    python benchmarks/compare.py --quick              # every cell once, short windows (under 3 minutes)
     python benchmarks/compare.py --rounds 3 --backends jax,torch --devices cpu
     python benchmarks/compare.py --kinds training --paths keras-fit --device-counts 1,2   # data parallel
     python benchmarks/compare.py --report a.json b.json   # report from saved results, rounds merged
@@ -37,12 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--quick", action="store_true",
-                        help=f"{MODES['quick']['rounds']} rounds of {MODES['quick']['window_steps']}-step windows, "
-                             f"time to {MODES['quick']['target_accuracy']} on {MODES['quick']['limit_train_batches']} "
+                        help=f"a check that every cell works, not a measurement: every cell once, "
+                             f"{MODES['quick']['window_steps']}-step windows, a light floor, time to "
+                             f"{MODES['quick']['target_accuracy']} on {MODES['quick']['limit_train_batches']} "
                              "batches per epoch (default: off)")
     parser.add_argument("--rounds", type=positive_int, default=None, metavar="R",
-                        help=f"rounds of every training and predict cell (default: {MODES['full']['rounds']}, "
-                             f"{MODES['quick']['rounds']} with --quick for keras-fit and its baseline, the other cells once); "
+                        help=f"rounds of every training and predict cell (default: {MODES['full']['rounds']}; "
+                             f"with --quick, R rounds of 1-device keras-fit and its baseline, the other cells once); "
                              f"time-to-accuracy cells run {MODES['full']['time_to_accuracy_rounds']}")
     parser.add_argument("--order-seed", type=int, default=None, metavar="N",
                         help="seed of the cells' order in each round (default: a random one, recorded)")

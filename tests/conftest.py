@@ -170,8 +170,8 @@ def pytest_sessionfinish(session):
 def quick_run(request):
     """`compare.py --quick --device-counts 1,2`, started at the first test: (process, results JSON path, its contents)."""
     started, workdir = request.config.stash[QUICK_COMPARE]
-    # 4.6 minutes alone on an idle 2-core AVX-512 host; 11 on one shared with three
-    # other test runs. The limit leaves room for a busier one.
+    # Under 3 minutes alone on an idle 2-core host is the aim (4.6 before it ran every
+    # cell once); 15 on one loaded to 20 by other runs. The limit leaves room for that.
     result = started.wait(timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     files = sorted((workdir / "results").glob("*.json"))
