@@ -297,10 +297,13 @@ def test_report_on_a_file_that_is_not_results(tmp_path):
     assert_one_line_error(result, 2, str(broken), "is not JSON")
 
 
-@pytest.mark.parametrize("value, message", [("0", "expected positive integers"), ("abc", "expected positive integers"),
-                                            ("3", "batch size 128 does not split evenly over 3 devices")])
-def test_bad_device_counts_are_one_line_errors(value, message):
-    result = run_python([COMPARE, "--device-counts", value], timeout=60)
+@pytest.mark.parametrize("value, message, more", [
+    ("0", "expected positive integers", []), ("abc", "expected positive integers", []),
+    ("3", "batch size 128 does not split evenly over 3 devices; use a device count that divides it, "
+          "or --batch-sizes 126 or 129", []),
+    ("2", "leaves no training cell: more than one device runs keras-fit only", ["--paths", "framework"])])
+def test_bad_device_counts_are_one_line_errors(value, message, more):
+    result = run_python([COMPARE, "--device-counts", value, *more], timeout=60)
     assert_one_line_error(result, 2, "--device-counts", value, message)
 
 
