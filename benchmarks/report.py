@@ -226,7 +226,7 @@ def devices_table(rows: list[dict], runs: list[dict]) -> list[str]:
     """keras-fit on N devices beside its 1-device cell: images/s of each and their paired
     ratio; empty when no cell ran on more than one device."""
     cores = {run["machine"].get("slug"): run["machine"].get("cores") for run in runs}
-    lines, cpu_cores = [], set()
+    lines, cpu_cores, uncompiled = [], set(), []
     for row in rows:
         if row.get("device_count", 1) == 1 or row["status"] != "ok":
             continue
@@ -240,6 +240,9 @@ def devices_table(rows: list[dict], runs: list[dict]) -> list[str]:
             speedup = f"{speedup} {row['speedup_significance']}".strip()
         lines.append([row["backend"], row["device"], row.get("engine") or "–", row["device_count"],
                       _images_per_s(anchor) if anchor else "–", _images_per_s(row), speedup])
+        compiled = {r.get("jit_compile") for r in row["rounds"] if r["status"] == "ok"}
+        if anchor and compiled != {r.get("jit_compile") for r in anchor["rounds"] if r["status"] == "ok"}:
+            uncompiled.append(f"{row['backend']} {row['device']} on {row['device_count']} devices")
     if not lines:
         return []
     columns = ["backend", "device", "engine", "devices", "1 device images/s [95% CI]", "N devices images/s [95% CI]",
@@ -251,6 +254,9 @@ def devices_table(rows: list[dict], runs: list[dict]) -> list[str]:
     if cpu_cores:
         note += (f" On CPU the N devices are simulated and share the machine's {shared + ' ' if shared else ''}cores, "
                  "so the figure is the engine's overhead, not a speed-up.")
+    if uncompiled:
+        note += (f" Compiled otherwise than its 1-device cell (jit_compile, the engine's choice: DataParallel.jit_compile "
+                 f"in backends/): {', '.join(uncompiled)}.")
     note += " A GPU cell asking for more devices than the framework sees GPUs is skipped, with the reason."
     return ["## More than one device", "", *_table(columns, lines), "", note, ""]
 
