@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends import framework_environment
-from benchmarks.measure import DEVICES, ONNX_RUNTIME, PATHS, PREDICT, PROGRESS, TIME_TO_ACCURACY
-from model.config import BACKENDS
+from benchmarks.measure import DATA_PARALLEL_PATH, DEVICES, ONNX_RUNTIME, PATHS, PREDICT, PROGRESS, TIME_TO_ACCURACY
+from model.config import BACKENDS, TrainConfig
+from model.devices import JAX_CPU_DEVICES, prepare_environment
 
 REPO = Path(__file__).resolve().parents[1]
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -34,16 +36,23 @@ class Cell:
     device: str
     path: str
     batch_size: int
+    # Devices the cell trains on, data-parallel through the backend's engine (model/devices.py);
+    # only keras-fit cells have more than one.
+    device_count: int = 1
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.device} {self.path} b{self.batch_size}"
+        devices = f" on {self.device_count} devices" if self.device_count > 1 else ""
+        return f"{self.backend} {self.device} {self.path} b{self.batch_size}{devices}"
 
 
-def build_matrix(backends=BACKENDS, devices=DEVICES, paths=PATHS, batch_sizes=(128,)) -> list[Cell]:
-    """Training cells grouped by batch size and device, then backend, then path."""
-    return [Cell(backend, device, path, batch_size)
-            for batch_size, device, backend, path in itertools.product(batch_sizes, devices, backends, paths)]
+def build_matrix(backends=BACKENDS, devices=DEVICES, paths=PATHS, batch_sizes=(128,), device_counts=(1,)) -> list[Cell]:
+    """Training cells grouped by batch size and device, then backend, then path: every
+    path on one device (when 1 is among `device_counts`), and keras-fit (when among
+    `paths`) on each larger device count."""
+    return [Cell(backend, device, path, batch_size, count)
+            for batch_size, device, backend, path in itertools.product(batch_sizes, devices, backends, paths)
+            for count in device_counts if count == 1 or path == DATA_PARALLEL_PATH]
 
 
 def time_to_accuracy_cells(backends=BACKENDS, devices=DEVICES, batch_size: int = 128) -> list[Cell]:
@@ -58,9 +67,11 @@ def predict_cells(backends=BACKENDS, devices=DEVICES, onnx: bool = True) -> list
 
 
 def cell_environment(cell: Cell, base: dict | None = None) -> dict:
-    """The environment a cell's process starts with: the backend and the one device
-    kind its framework may see."""
+    """The environment a cell's process starts with: the backend, the one device kind its
+    framework may see, and (JAX) how many CPU devices it simulates."""
     env = framework_environment(cell.backend, os.environ if base is None else base)
+    # What train.py --devices N sets before keras is imported; the cell decides, not the caller's shell.
+    env.pop(JAX_CPU_DEVICES, None)
     env.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
     if cell.backend in BACKENDS:
         env["KERAS_BACKEND"] = cell.backend
@@ -71,12 +82,14 @@ def cell_environment(cell: Cell, base: dict | None = None) -> dict:
         env["JAX_PLATFORMS"] = "cuda"
         if env.get("CUDA_VISIBLE_DEVICES") == "":
             del env["CUDA_VISIBLE_DEVICES"]
+    if cell.device_count > 1:
+        prepare_environment(TrainConfig(accelerator=cell.device, devices=cell.device_count), cell.backend, env)
     return env
 
 
 def empty_result(cell: Cell, status: str, reason: str | None) -> dict:
     return {"backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
-            "status": status, "reason": reason}
+            "device_count": cell.device_count, "status": status, "reason": reason}
 
 
 def load_average() -> float | None:
@@ -109,7 +122,7 @@ def run_cell(cell: Cell, spec: dict, timeout_s: float, show=lambda line: None, p
     for this round. A crash, a timeout or a missing framework becomes a result with status
     failed/skipped and a one-line reason; `show` gets the process's progress lines."""
     spec = {**spec, "backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
-            "launched_at": time.time()}
+            "device_count": cell.device_count, "launched_at": time.time()}
     with tempfile.TemporaryDirectory(prefix="benchmark-cell-") as folder:
         spec_path, result_path = Path(folder) / "spec.json", Path(folder) / "result.json"
         spec_path.write_text(json.dumps(spec))

@@ -2,8 +2,9 @@
 time to a target accuracy, and inference; write a results JSON, a Markdown report and a chart.
 
     python benchmarks/compare.py                      # full: 5 rounds of every cell
-    python benchmarks/compare.py --quick              # every cell, short rounds (about 5 minutes)
+    python benchmarks/compare.py --quick              # every cell once, short windows (under 3 minutes)
     python benchmarks/compare.py --rounds 3 --backends jax,torch --devices cpu
+    python benchmarks/compare.py --kinds training --paths keras-fit --device-counts 1,2   # data parallel
     python benchmarks/compare.py --report a.json b.json   # report from saved results, rounds merged
 
 Every round runs each cell once, in a fresh process, in a new random order (--order-seed);
@@ -19,11 +20,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
 
 from benchmarks.cells import build_matrix, predict_cells, time_to_accuracy_cells  # noqa: E402
-from benchmarks.measure import DEVICES, PATHS, PREDICT, TIME_TO_ACCURACY  # noqa: E402
+from benchmarks.measure import DATA_PARALLEL_PATH, DEVICES, PATHS, PREDICT, TIME_TO_ACCURACY  # noqa: E402
 from benchmarks.report import ResultsFileError, load_runs, write_report  # noqa: E402
 from benchmarks.suite import MODES, run_suite  # noqa: E402
 from model.arguments import accuracy_fraction, comma_list, positive_float, positive_int  # noqa: E402
 from model.config import BACKENDS  # noqa: E402
+from model.devices import nearest_multiples  # noqa: E402
 from model.runtime import UsageError  # noqa: E402
 
 
@@ -35,12 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--quick", action="store_true",
-                        help=f"{MODES['quick']['rounds']} rounds of {MODES['quick']['window_steps']}-step windows, "
-                             f"time to {MODES['quick']['target_accuracy']} on {MODES['quick']['limit_train_batches']} "
+                        help=f"a check that every cell works, not a measurement: every cell once, "
+                             f"{MODES['quick']['window_steps']}-step windows, a light floor, time to "
+                             f"{MODES['quick']['target_accuracy']} on {MODES['quick']['limit_train_batches']} "
                              "batches per epoch (default: off)")
     parser.add_argument("--rounds", type=positive_int, default=None, metavar="R",
-                        help=f"rounds of every training and predict cell (default: {MODES['full']['rounds']}, "
-                             f"{MODES['quick']['rounds']} with --quick for keras-fit and its baseline, the other cells once); "
+                        help=f"rounds of every training and predict cell (default: {MODES['full']['rounds']}; "
+                             f"with --quick, R rounds of 1-device keras-fit and its baseline, the other cells once); "
                              f"time-to-accuracy cells run {MODES['full']['time_to_accuracy_rounds']}")
     parser.add_argument("--order-seed", type=int, default=None, metavar="N",
                         help="seed of the cells' order in each round (default: a random one, recorded)")
@@ -57,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"devices; a GPU cell with no GPU is reported skipped (default: {','.join(DEVICES)})")
     parser.add_argument("--paths", type=comma_list(choices=PATHS), default=list(PATHS), metavar="NAME[,NAME...]",
                         help=f"training paths (default: {','.join(PATHS)})")
+    parser.add_argument("--device-counts", type=comma_list(int, positive=True), default=[1], metavar="N[,N...]",
+                        help="devices per training cell: every path on 1, keras-fit data-parallel on each N > 1 "
+                             "(train.py --devices N; on CPU N simulated devices share the cores) (default: 1)")
     parser.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                         help=f"per-cell time limit (default: {MODES['full']['timeout_s']} s, "
                              f"{MODES['quick']['timeout_s']} s with --quick; time-to-accuracy cells "
@@ -66,7 +72,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--report", nargs="+", metavar="FILE",
                         help="rebuild table and chart from results JSON files (several: their cells merged); "
                              "written beside the first file, or to --output-dir (default: run the benchmark)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if 1 not in args.device_counts and DATA_PARALLEL_PATH not in args.paths and "training" in args.kinds:
+        parser.error(f"--device-counts {','.join(map(str, args.device_counts))} with --paths {','.join(args.paths)} "
+                     f"leaves no training cell: more than one device runs {DATA_PARALLEL_PATH} only; add it to --paths "
+                     "or 1 to --device-counts")
+    for count in args.device_counts:
+        for batch_size in args.batch_sizes:
+            if batch_size % count:
+                sizes = " or ".join(map(str, nearest_multiples(batch_size, count)))
+                parser.error(f"--device-counts {count}: batch size {batch_size} does not split evenly over {count} "
+                             f"devices; use a device count that divides it, or --batch-sizes {sizes}")
+    return args
 
 
 def report(paths: list[str], output_dir: str | None) -> int:
@@ -93,7 +110,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         return report(args.report, args.output_dir)
-    cells = build_matrix(args.backends, args.devices, args.paths, args.batch_sizes) if "training" in args.kinds else []
+    cells = (build_matrix(args.backends, args.devices, args.paths, args.batch_sizes, args.device_counts)
+             if "training" in args.kinds else [])
     if TIME_TO_ACCURACY in args.kinds:
         cells += time_to_accuracy_cells(args.backends, args.devices, args.batch_sizes[0])
     if PREDICT in args.kinds:

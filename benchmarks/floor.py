@@ -177,13 +177,14 @@ def triad_gb_s(megabytes: float = 512, min_seconds: float = 0.3) -> float:
 
 
 def measure_floor(framework: str, model_shape: tuple[int, int, int], min_seconds: float = 0.3,
-                  triad_megabytes: float = 512) -> dict:
+                  triad_megabytes: float = 512, large_sgemm: bool = True) -> dict:
     """The machine's floor as `framework` sees it now: sgemm at the model's largest matmul
-    shape and at 1024^3, the triad's bandwidth, and how long measuring took."""
+    shape and (large_sgemm) at 1024^3, the triad's bandwidth, and how long measuring took.
+    A light floor (--quick: small triad, no 1024^3) checks the code, not the machine."""
     start = time.perf_counter()
     floor = {
         "sgemm_gflops_model_shape": sgemm_gflops(framework, *model_shape, min_seconds=min_seconds),
-        "sgemm_gflops_1024": sgemm_gflops(framework, *LARGE_SGEMM, min_seconds=min_seconds),
+        "sgemm_gflops_1024": sgemm_gflops(framework, *LARGE_SGEMM, min_seconds=min_seconds) if large_sgemm else None,
         "triad_gb_s": triad_gb_s(triad_megabytes, min_seconds=min_seconds),
     }
     floor["seconds"] = time.perf_counter() - start

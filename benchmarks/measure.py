@@ -13,6 +13,12 @@ batches are prepared before it (the same arrays on every path), then `warmup_ste
 window_steps` full batches run inside that one epoch, so the window holds no epoch
 boundary, no partial batch and no new shape to compile. The hardware floor
 (benchmarks/floor.py) is measured in this process before and after the window.
+A keras-fit cell on N > 1 devices trains data-parallel as `train.py --devices N` does:
+the backend's `launch` (torch: N processes over Gloo or NCCL; JAX and TensorFlow: this
+one, whose environment already holds N simulated CPU devices) runs the same window on
+each worker, rank 0 times it, and the devices really used are read back from inside
+(the engine's copies of the weights). It measures no floor: TensorFlow's logical
+devices must be made before its first op, which the floor would run.
 A time-to-accuracy cell trains train.py's default recipe until the test accuracy
 reaches the target; a predict cell times inference (benchmarks/inference.py).
 """
@@ -39,6 +45,8 @@ KERAS_PATHS = {
     "native-step": {"pooling": "fast", "step": "native"},
 }
 PATHS = (*KERAS_PATHS, "framework")
+# The path a cell on more than one device times: train.py's own.
+DATA_PARALLEL_PATH = "keras-fit"
 # The other cell kinds: train.py's recipe to a target accuracy, and inference.
 TIME_TO_ACCURACY = "time-to-accuracy"
 PREDICT = "predict"
@@ -70,13 +78,21 @@ def gpu_device_nodes() -> list[str]:
     return glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg")
 
 
-def check_gpu_visible(backend: str) -> None:
-    """Raise CellSkipped unless `backend`'s framework sees a GPU. A GPU cell never falls
-    back to the CPU: it runs on a GPU or not at all."""
-    # Without a driver no framework can see a GPU; looking costs nothing, while importing
-    # TensorFlow to ask costs seconds per cell.
+def no_gpu_reason() -> str | None:
+    """Why no framework can see a GPU here (no driver's device files), else None. Looking
+    costs nothing, while starting a cell to ask its framework costs seconds: the benchmark
+    asks this once and starts no GPU cell when it answers."""
     if sys.platform.startswith("linux") and not gpu_device_nodes():
-        raise CellSkipped("no GPU on this machine (no /dev/nvidia*, /dev/kfd or /dev/dxg)")
+        return "no GPU on this machine (no /dev/nvidia*, /dev/kfd or /dev/dxg)"
+    return None
+
+
+def check_gpu_visible(backend: str, count: int = 1) -> None:
+    """Raise CellSkipped unless `backend`'s framework sees `count` GPUs. A GPU cell never
+    falls back to the CPU: it runs on a GPU or not at all."""
+    reason = no_gpu_reason()
+    if reason:
+        raise CellSkipped(reason)
     if backend == "jax":
         import jax
 
@@ -96,6 +112,24 @@ def check_gpu_visible(backend: str) -> None:
 
         if not torch.cuda.is_available():
             raise CellSkipped(f"torch {torch.__version__} sees no GPU (torch.cuda.is_available() is False)")
+    if count > 1:
+        visible = visible_gpus(backend)
+        if visible < count:
+            raise CellSkipped(f"{count} devices asked for; {backend} sees {visible} GPU{'s' if visible != 1 else ''}")
+
+
+def visible_gpus(backend: str) -> int:
+    if backend == "jax":
+        import jax
+
+        return sum(device.platform in ("gpu", "cuda", "rocm") for device in jax.devices())
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU"))
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def tf32_settings(backend: str) -> dict:
@@ -158,13 +192,48 @@ def measure_training_cell(spec: dict) -> dict:
     from benchmarks import window
     from benchmarks.floor import measure_floor
 
+    if spec.get("device_count", 1) > 1:
+        return measure_data_parallel_cell(spec)
     model_shape = tuple(spec["model_shape"])
-    floor_before = measure_floor(spec["backend"], model_shape, min_seconds=spec["floor_min_seconds"])
+    floor = spec["floor"]  # how long and how much of the floor to measure (suite.MODES)
+    floor_before = measure_floor(spec["backend"], model_shape, **floor)
     progress(f"floor before: {floor_before['sgemm_gflops_model_shape']:.0f} GFLOP/s sgemm at {model_shape}")
     run = window.run_framework_path if spec["path"] == "framework" else window.run_keras_path
     result = run(spec, train_config(spec, spec["path"]), progress)
-    floor_after = measure_floor(spec["backend"], model_shape, min_seconds=spec["floor_min_seconds"])
+    floor_after = measure_floor(spec["backend"], model_shape, **floor)
     return {**result, "floor_before": floor_before, "floor_after": floor_after}
+
+
+def measure_data_parallel_cell(spec: dict) -> dict:
+    """keras-fit on spec["device_count"] devices, started as train.py starts it: the
+    backend's launch runs data_parallel_worker on every worker; rank 0's figures return."""
+    import tempfile
+
+    from backends import backend_module
+    from model.devices import check_placement
+
+    config = train_config(spec, DATA_PARALLEL_PATH, accelerator=spec["device"], devices=spec["device_count"])
+    check_placement(config, spec["backend"])
+    with tempfile.TemporaryDirectory(prefix="benchmark-workers-") as folder:
+        result_path = Path(folder) / "rank0.json"
+        code = backend_module(spec["backend"]).launch(data_parallel_worker, (spec, config, str(result_path)), config)
+        if code != 0 or not result_path.exists():
+            raise RuntimeError(f"the {config.devices} data-parallel workers stopped with exit code {code} (see the output)")
+        return json.loads(result_path.read_text())
+
+
+def data_parallel_worker(local_rank: int, spec: dict, config, result_path: str) -> int:
+    """One worker of a data-parallel cell (module level: torch's spawn pickles it by name);
+    the window runs on every worker, rank 0 reports it."""
+    from benchmarks import window
+    from benchmarks.machine import framework_threads
+    from model.checkpoint import write_json
+
+    result = window.run_keras_path(spec, config, progress if local_rank == 0 else lambda message: None)
+    if local_rank == 0:
+        # torch's workers share the cores out (backends/torch_backend.py); the cell's own process is not one of them.
+        write_json(Path(result_path), {**result, "worker_threads": framework_threads(spec["backend"])})
+    return 0
 
 
 def measure_time_to_accuracy(spec: dict) -> dict:
@@ -229,7 +298,7 @@ def measure_cell(spec: dict) -> dict:
         return {"status": "ok", "reason": None, **measure_predict_cell(spec), "peak_rss_mb": peak_rss_mb()}
     check_framework_installed(backend)
     if device == "gpu":
-        check_gpu_visible(backend)
+        check_gpu_visible(backend, spec.get("device_count", 1))
     measure = {TIME_TO_ACCURACY: measure_time_to_accuracy, PREDICT: measure_predict_cell}.get(path, measure_training_cell)
     raw = measure(spec)
     device_name = raw.get("device_name") or framework_device_name(backend)

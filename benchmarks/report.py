@@ -1,9 +1,10 @@
 """The report of one or more results files, drawn from the JSON alone, never typed by hand.
 
 `load_runs(paths)` reads and checks results files; `merge_cells(runs)` puts the rounds of
-the same cell (machine, backend, device, path, batch size) from every file together and
-summarizes them again (benchmarks/summary.py); `markdown_report` writes a headline
-sentence, the headline table, the inference table and the details; `draw_chart` the PNG.
+the same cell (machine, backend, device, path, batch size, device count) from every file
+together and summarizes them again (benchmarks/summary.py); `markdown_report` writes a
+headline sentence, the headline table, the data-parallel table (when cells ran on more
+than one device), the inference table and the details; `draw_chart` the PNG.
 benchmarks/compare.py calls these after a run and again for `--report FILE...`.
 """
 
@@ -91,7 +92,8 @@ def _order(cell: dict) -> tuple:
 
     kinds = (*PATHS, TIME_TO_ACCURACY, PREDICT)
     return (position(kinds, cell["path"]) >= len(PATHS), cell["batch_size"] or 0, position(DEVICES, cell["device"]),
-            position((*BACKENDS, ONNX_RUNTIME), cell["backend"]), position(kinds, cell["path"]), cell.get("machine") or "")
+            position((*BACKENDS, ONNX_RUNTIME), cell["backend"]), position(kinds, cell["path"]),
+            cell.get("device_count", 1), cell.get("machine") or "")
 
 
 def merge_cells(runs: list[dict]) -> list[dict]:
@@ -99,7 +101,9 @@ def merge_cells(runs: list[dict]) -> list[dict]:
     rows: dict[tuple, dict] = {}
     for run in runs:
         for cell in run["cells"]:
-            row = {**cell, "machine": cell.get("machine") or run["machine"].get("slug")}
+            # Files written before the device-count dimension hold 1-device cells only.
+            row = {**cell, "machine": cell.get("machine") or run["machine"].get("slug"),
+                   "device_count": cell.get("device_count", 1)}
             key = tuple(row[field] for field in IDENTITY)
             rounds = [{**result, "source": run["source"]} for result in cell["rounds"]]
             if key in rows:
@@ -136,9 +140,15 @@ def _ratio(row: dict) -> str:
     return f"{text} {row['ratio_significance']}".strip()
 
 
-def _cell(rows, backend, device, path, machine=None) -> dict | None:
+def _cell(rows, backend, device, path, machine=None, device_count=1) -> dict | None:
     return next((r for r in rows if (r["backend"], r["device"], r["path"]) == (backend, device, path)
-                 and r["status"] == "ok" and (machine is None or r.get("machine") == machine)), None)
+                 and r.get("device_count", 1) == device_count and r["status"] == "ok"
+                 and (machine is None or r.get("machine") == machine)), None)
+
+
+def _path_label(row: dict) -> str:
+    count = row.get("device_count", 1)
+    return row["path"] + (f" on {count} devices" if count > 1 else "")
 
 
 def _overlap(a: dict, b: dict) -> bool:
@@ -152,7 +162,7 @@ def headline_sentence(rows: list[dict]) -> str:
     machines = list(dict.fromkeys(r.get("machine") for r in rows))
     for machine, device in ((m, d) for m in machines for d in DEVICES):
         fits = sorted((r for r in rows if (r.get("machine"), r["device"], r["path"]) == (machine, device, HEADLINE_PATH)
-                       and r["status"] == "ok"), key=lambda r: r["step_ms_median"])
+                       and r.get("device_count", 1) == 1 and r["status"] == "ok"), key=lambda r: r["step_ms_median"])
         if not fits:
             continue
         fastest = fits[0]
@@ -208,6 +218,49 @@ def headline_table(rows: list[dict]) -> list[str]:
     return _table(columns, lines) if lines else ["No training cell ran."]
 
 
+def _images_per_s(row: dict) -> str:
+    return _interval(row["images_per_s"], row.get("images_per_s_ci95"), lambda v: f"{v:,.0f}")
+
+
+def devices_table(rows: list[dict], runs: list[dict]) -> list[str]:
+    """keras-fit on N devices beside its 1-device cell: images/s of each and their paired
+    ratio; empty when no cell ran on more than one device."""
+    cores = {run["machine"].get("slug"): run["machine"].get("cores") for run in runs}
+    lines, cpu_cores, uncompiled = [], set(), []
+    for row in rows:
+        if row.get("device_count", 1) == 1 or row["status"] != "ok":
+            continue
+        anchor = _cell(rows, row["backend"], row["device"], row["path"], row.get("machine"))
+        if row["device"] == "cpu":
+            cpu_cores.add(cores.get(row.get("machine")))
+        speedup = "–"
+        if row.get("speedup_over_one_device") is not None:
+            speedup = _interval(row["speedup_over_one_device"], row.get("speedup_over_one_device_ci95"),
+                                lambda v: f"{v:.2f}", "×")
+            speedup = f"{speedup} {row['speedup_significance']}".strip()
+        lines.append([row["backend"], row["device"], row.get("engine") or "–", row["device_count"],
+                      _images_per_s(anchor) if anchor else "–", _images_per_s(row), speedup])
+        compiled = {r.get("jit_compile") for r in row["rounds"] if r["status"] == "ok"}
+        if anchor and compiled != {r.get("jit_compile") for r in anchor["rounds"] if r["status"] == "ok"}:
+            uncompiled.append(f"{row['backend']} {row['device']} on {row['device_count']} devices")
+    if not lines:
+        return []
+    columns = ["backend", "device", "engine", "devices", "1 device images/s [95% CI]", "N devices images/s [95% CI]",
+               "N vs 1 device [95% CI]"]
+    shared = " or ".join(str(count) for count in sorted(cpu_cores - {None}))
+    note = ("keras-fit through each backend's data-parallel engine (`train.py --devices N`): the same global batch "
+            "split over N devices, beside its 1-device cell in each round it ran; N vs 1 device: images/s over the "
+            "1-device cell's, per round, then the median and 95% CI (n.s. where it holds 1.0).")
+    if cpu_cores:
+        note += (f" On CPU the N devices are simulated and share the machine's {shared + ' ' if shared else ''}cores, "
+                 "so the figure is the engine's overhead, not a speed-up.")
+    if uncompiled:
+        note += (f" Compiled otherwise than its 1-device cell (jit_compile, the engine's choice: DataParallel.jit_compile "
+                 f"in backends/): {', '.join(uncompiled)}.")
+    note += " A GPU cell asking for more devices than the framework sees GPUs is skipped, with the reason."
+    return ["## More than one device", "", *_table(columns, lines), "", note, ""]
+
+
 def inference_table(rows: list[dict]) -> list[str]:
     lines = [[row["backend"], row["device"], _interval(row["latency_ms_median"], row.get("latency_ms_ci95")),
               _ms(row["latency_ms_p99"]),
@@ -229,7 +282,7 @@ def details_table(rows: list[dict]) -> list[str]:
         notes = [row.get("reason") or ""]
         if row.get("floor_drifted"):
             notes.append(f"floor drifted {row['floor_drift'] * 100:.0f}% during a window")
-        lines.append([row["backend"], row["device"], row["path"], row["batch_size"], f"{row['rounds_ok']}/{row['rounds_run']}",
+        lines.append([row["backend"], row["device"], _path_label(row), row["batch_size"], f"{row['rounds_ok']}/{row['rounds_run']}",
                       _interval(row.get("step_ms_median"), row.get("step_ms_ci95")), _ms(row.get("step_ms_p90")),
                       _number(row.get("images_per_s"), 0), _number(row.get("compile_s"), 2),
                       _number(row.get("data_s_per_epoch"), 2), _number(row.get("epoch_s")),
@@ -257,7 +310,7 @@ def skipped_lines(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[str]] = {}
     for row in rows:
         if row["status"] != "ok" and not (row["status"] == "failed" and row["path"] in PATHS):
-            groups.setdefault((row["backend"], row["device"], row["status"], row.get("reason")), []).append(row["path"])
+            groups.setdefault((row["backend"], row["device"], row["status"], row.get("reason")), []).append(_path_label(row))
     return [f"- {backend} {device} ({', '.join(paths)}): {status}: {reason}"
             for (backend, device, status, reason), paths in groups.items()]
 
@@ -292,7 +345,8 @@ LEGEND = (
 
 def markdown_report(runs: list[dict], rows: list[dict]) -> str:
     lines = ["# MNIST CNN: Keras paths vs hand-written loops, time to accuracy, inference", "",
-             headline_sentence(rows), "", *headline_table(rows), "", "## Inference", "", *inference_table(rows), "",
+             headline_sentence(rows), "", *headline_table(rows), "", *devices_table(rows, runs), "## Inference", "",
+             *inference_table(rows), "",
              "## Details", ""]
     for run in runs:
         lines += run_description(run)
@@ -338,7 +392,8 @@ def draw_chart(rows: list[dict], path: str | os.PathLike, title: str = "") -> Pa
 
     from model.checkpoint import atomic_write
 
-    ok = [r for r in rows if r["status"] == "ok" and r["path"] in PATHS]
+    # One device only: the data-parallel cells have their own table.
+    ok = [r for r in rows if r["status"] == "ok" and r["path"] in PATHS and r.get("device_count", 1) == 1]
     main_paths = [p for p in PATHS if p != STOCK_PATH and any(r["path"] == p for r in ok)]
     ratios = [r for r in ok if r["path"] in KERAS_PATHS and r["path"] != STOCK_PATH and r.get("ratio_to_framework") is not None]
     stock = [r for r in ok if r["path"] in (STOCK_PATH, HEADLINE_PATH)] if any(r["path"] == STOCK_PATH for r in ok) else []

@@ -24,7 +24,7 @@ from pathlib import Path
 from benchmarks.cells import REPO, Cell, cell_environment, empty_result
 from benchmarks.initial_weights import CNN_WEIGHT_SHAPES
 from benchmarks.machine import commit_info, describe_machine, package_versions, steal_counters, steal_pct
-from benchmarks.measure import ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY
+from benchmarks.measure import ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY, no_gpu_reason
 from benchmarks.report import load_runs, write_report
 from benchmarks.rounds import ANCHOR_PATH, run_rounds
 from benchmarks.summary import summarize_cells
@@ -32,27 +32,33 @@ from model.config import TrainConfig
 
 # full: 5 rounds; per training cell 10 warm-up steps then a 60-step window; time to 99%
 # test accuracy on train.py's default recipe, once per backend; predict cells 200 calls at
-# batch 1 and 20 at batch 1024, every round. quick: the same cells, 2 rounds of short
-# windows for keras-fit and its framework baseline (the other Keras paths, predict cells
-# and time to 70% test accuracy on the first 2,000 test images with 50 batches per epoch
-# once): a check that every cell works, not a measurement. Time-to-accuracy cells skip
-# Keras' validation pass: evaluation is left out of the time (as DAWNBench does); the
-# per-epoch test check is timed apart.
+# batch 1 and 20 at batch 1024, every round. quick: a check that every cell works, not a
+# measurement, in under 3 minutes on 2 cores (each cell's process start, imports and
+# compilation take most of its 5-15 s): the same cells once, short windows, a light floor
+# (model-shape sgemm, 64 MB triad), time to 50% test accuracy on the first 2,000 test
+# images with 50 batches per epoch; --rounds R repeats keras-fit and its baseline R times
+# (the other cells run once). Time-to-accuracy cells skip Keras' validation pass:
+# evaluation is left out of the time (as DAWNBench does); the per-epoch test check is
+# timed apart. A keras-fit cell on N > 1 devices runs as many rounds as the other paths.
 MODES = {
     "full": {"rounds": 5, "warmup_steps": 10, "window_steps": 60, "time_to_accuracy_rounds": 1, "predict_rounds": None,
              "other_path_rounds": None,
              "target_accuracy": 0.99, "limit_train_batches": None, "test_images": None, "validate": False,
              "predict_warmup": {"1": 20, "1024": 3}, "predict_calls": {"1": 200, "1024": 20},
-             "floor_min_seconds": 0.3, "whole_epoch_data": True, "timeout_s": 300, "time_to_accuracy_timeout_s": 1800},
-    "quick": {"rounds": 2, "warmup_steps": 3, "window_steps": 10, "time_to_accuracy_rounds": 1, "predict_rounds": 1,
+             "floor": {"min_seconds": 0.3, "triad_megabytes": 512, "large_sgemm": True},
+             "whole_epoch_data": True, "timeout_s": 300, "time_to_accuracy_timeout_s": 1800},
+    "quick": {"rounds": 1, "warmup_steps": 3, "window_steps": 10, "time_to_accuracy_rounds": 1, "predict_rounds": 1,
               "other_path_rounds": 1,
-              "target_accuracy": 0.7, "limit_train_batches": 50, "test_images": 2000, "validate": False,
+              "target_accuracy": 0.5, "limit_train_batches": 50, "test_images": 2000, "validate": False,
               "predict_warmup": {"1": 3, "1024": 1}, "predict_calls": {"1": 20, "1024": 2},
-              "floor_min_seconds": 0.1, "whole_epoch_data": False, "timeout_s": 180, "time_to_accuracy_timeout_s": 300},
+              "floor": {"min_seconds": 0.05, "triad_megabytes": 64, "large_sgemm": False},
+              "whole_epoch_data": False, "timeout_s": 180, "time_to_accuracy_timeout_s": 300},
 }
 DEFAULT_RESULTS_DIR = REPO / "benchmarks" / "results"
-# Tried in this order for the one process that builds the predict model.
+# Tried in this order for the one process that builds the predict model (TensorFlow alone
+# when there are ONNX cells: it exports the model too, as export.py does through TensorFlow).
 PREPARE_BACKENDS = ("torch", "jax", "tensorflow")
+ONNX_EXPORT_BACKEND = "tensorflow"
 
 
 def run_settings(mode: str, cells: list[Cell], overrides: dict) -> dict:
@@ -64,6 +70,7 @@ def run_settings(mode: str, cells: list[Cell], overrides: dict) -> dict:
         batch_sizes=sorted({cell.batch_size for cell in cells if cell.path in PATHS}),
         backends=list(dict.fromkeys(cell.backend for cell in cells)),
         devices=list(dict.fromkeys(cell.device for cell in cells)),
+        device_counts=sorted({cell.device_count for cell in cells if cell.path in PATHS}),
         paths=list(dict.fromkeys(cell.path for cell in cells)),
         train_config={key: value for key, value in defaults.to_dict().items()
                       if key not in ("batch_size", "limit_train_batches", "dry_run", "output_dir", "resume")},
@@ -91,22 +98,25 @@ def prepare_model(folder: Path, batch_sizes: list[int], stream, onnx: bool) -> d
     could not be made is None, with the reason under `*_error`."""
     started = time.perf_counter()
     prepared = {"model": None, "onnx": None, "flops_per_image": None, "largest_matmul": {}}
-    backend = next((name for name in PREPARE_BACKENDS if importlib.util.find_spec(name)), None)
+    exporter = onnx and importlib.util.find_spec(ONNX_EXPORT_BACKEND) is not None
+    candidates = (ONNX_EXPORT_BACKEND,) if exporter else PREPARE_BACKENDS
+    backend = next((name for name in candidates if importlib.util.find_spec(name)), None)
     if backend is None:
         prepared["model_error"] = "no Keras backend installed"
         return prepared
-    model = folder / "model.keras"
-    ok, output = run_command([sys.executable, "-m", "benchmarks.prepare_model", model, ",".join(map(str, batch_sizes))],
-                             cell_environment(Cell(backend, "cpu", PREDICT, 1)), 300)
+    model, export = folder / "model.keras", folder / "model.onnx"
+    ok, output = run_command([sys.executable, "-m", "benchmarks.prepare_model", model, ",".join(map(str, batch_sizes)),
+                              *([export] if exporter else [])],
+                             cell_environment(Cell(backend, "cpu", PREDICT, 1)), 600)
     if not ok:
         prepared["model_error"] = f"preparing the model on {backend} failed: {output}"
         return prepared
     prepared.update(json.loads(output.strip().splitlines()[-1]), model=str(model), prepared_on=backend)
-    if onnx:
-        export = folder / "model.onnx"
-        ok, output = run_command([sys.executable, "export.py", "--model", model, "--format", "onnx", "--output", export],
-                                 cell_environment(Cell("tensorflow", "cpu", PREDICT, 1)), 600)
-        prepared.update(onnx=str(export)) if ok else prepared.update(onnx_error=f"the ONNX export failed: {output}")
+    if onnx and not exporter:
+        prepared["onnx_error"] = (f"the ONNX export goes through {ONNX_EXPORT_BACKEND} (model/export.py), which is "
+                                  f"not installed; install it with: pip install -c constraints.txt '.[export]'")
+    elif onnx and "onnx_error" not in prepared:
+        prepared["onnx"] = str(export)
     prepared["seconds"] = round(time.perf_counter() - started, 1)
     stream.write(f"prepared the predict model on {backend} in {prepared['seconds']:.0f} s"
                  f"{'; ' + prepared['onnx_error'] if prepared.get('onnx_error') else ''}\n")
@@ -125,7 +135,7 @@ def rounds_for(cell: Cell, settings: dict) -> int:
         return settings["time_to_accuracy_rounds"]
     if cell.path == PREDICT:
         return settings["predict_rounds"] or settings["rounds"]
-    if cell.path in PATHS and cell.path not in (ANCHOR_PATH, "framework"):
+    if cell.path in PATHS and (cell.path not in (ANCHOR_PATH, "framework") or cell.device_count > 1):
         return settings["other_path_rounds"] or settings["rounds"]
     return settings["rounds"]
 
@@ -138,12 +148,16 @@ def cell_spec(cell: Cell, settings: dict, prepared: dict) -> dict:
         return {"model": prepared["model"], "onnx": prepared["onnx"], "warmup": settings["predict_warmup"],
                 "calls": settings["predict_calls"]}
     return {"warmup_steps": settings["warmup_steps"], "window_steps": settings["window_steps"],
-            "floor_min_seconds": settings["floor_min_seconds"], "whole_epoch_data": settings["whole_epoch_data"],
+            "floor": settings["floor"], "whole_epoch_data": settings["whole_epoch_data"],
             "model_shape": model_shape(prepared, cell.batch_size)}
 
 
-def unpreparable(cell: Cell, prepared: dict) -> str | None:
-    """Why a predict cell cannot run (its model or export is missing), else None."""
+def unpreparable(cell: Cell, prepared: dict, no_gpu: str | None = None) -> str | None:
+    """Why a cell cannot run: a GPU cell on a machine without one (`no_gpu`, decided once
+    here instead of in a process per cell), a predict cell whose model or export is
+    missing; else None."""
+    if cell.device == "gpu" and no_gpu:
+        return no_gpu
     if cell.path != PREDICT:
         return None
     if prepared["model"] is None:
@@ -179,8 +193,12 @@ def run_suite(cells: list[Cell], mode: str = "full", output_dir: str | Path | No
         prepared = (prepare_model(Path(folder), settings["batch_sizes"] or [TrainConfig.batch_size], stream,
                                   onnx=any(cell.backend == ONNX_RUNTIME for cell in cells))
                     if needs_model else {"model": None, "onnx": None, "flops_per_image": None, "largest_matmul": {}})
-        blocked = {cell: unpreparable(cell, prepared) for cell in cells}
+        no_gpu = no_gpu_reason() if any(cell.device == "gpu" for cell in cells) else None
+        blocked = {cell: unpreparable(cell, prepared, no_gpu) for cell in cells}
         runnable = [cell for cell in cells if not blocked[cell]]
+        if len(runnable) < len(cells):
+            stream.write(f"{len(cells) - len(runnable)} cells not started: "
+                         f"{'; '.join(dict.fromkeys(reason for reason in blocked.values() if reason))}\n")
         results = run_rounds(
             runnable, order_seed=settings["order_seed"], stream=stream,
             rounds_for=lambda cell: rounds_for(cell, settings),
@@ -196,7 +214,7 @@ def run_suite(cells: list[Cell], mode: str = "full", output_dir: str | Path | No
             if cell.path in PATHS:
                 result["flops_per_image"] = prepared["flops_per_image"]
         rows.append({"machine": machine["slug"], "backend": cell.backend, "device": cell.device, "path": cell.path,
-                     "batch_size": cell.batch_size, "rounds": rounds})
+                     "batch_size": cell.batch_size, "device_count": cell.device_count, "rounds": rounds})
     run = {"benchmark": "mnist-cnn-backends", "edition": 2, "machine": machine, "commit": commit,
            "datetime": when.isoformat(timespec="seconds").replace("+00:00", "Z"), "versions": versions,
            "settings": settings, "cells": rows}

@@ -1,12 +1,14 @@
 """A cell's row in a results file, from its rounds (benchmarks/confidence.py).
 
 `summarize_cells(rows)` takes rows holding their identity (machine, backend, device,
-path, batch_size) and `rounds` (one result per round, as benchmarks/measure.py wrote
+path, batch_size, device_count) and `rounds` (one result per round, as benchmarks/measure.py wrote
 it, each tagged with `round` and `source`) and sets every summary figure from the ok
 rounds alone, so a report rebuilt from one file, or from several merged, recomputes
 them the same way. Per training cell: the median across rounds of the window's mean step
 time with its 95% bootstrap CI, and the Keras-over-framework ratio computed per round
-from the pair that ran in the same block of the same round, then its median and CI.
+from the pair that ran in the same block of the same round, then its median and CI; for
+keras-fit on N > 1 devices (device_count), its images/s over the 1-device keras-fit's,
+paired the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from benchmarks.confidence import median_ci, paired_ratio_ci, significance_label
 
 # A cell whose floor before and after its window differ by more than this ran on a drifting host.
 FLOOR_DRIFT_LIMIT = 0.05
-IDENTITY = ("machine", "backend", "device", "path", "batch_size")
+IDENTITY = ("machine", "backend", "device", "path", "batch_size", "device_count")
 
 
 def _number(value) -> bool:
@@ -123,8 +125,25 @@ def summarize_row(row: dict) -> dict:
         summary.update(predict_figures(ok))
     if ok:
         summary["device_name"] = ok[0].get("device_name")
+    if ok and summary.get("device_count", 1) > 1:
+        # Read back from inside the cell (the engine's copies of the weights): a cell that
+        # trained on fewer devices than asked would show it here.
+        summary["devices_used"] = sorted({r.get("devices_used") for r in ok}, key=str)
+        summary["engine"] = ok[0].get("engine")
     summary["rounds"] = rounds
     return summary
+
+
+def _paired(row: dict, anchor: dict, figure: str) -> tuple | None:
+    """(median, CI or None, pairs) of row's `figure` over anchor's, per round of the same
+    source (the two ran in the same round, side by side); None without a pair."""
+    baseline = {(r.get("source"), r["round"]): r[figure] for r in anchor["rounds"] if r["status"] == "ok"}
+    pairs = [(r[figure], baseline[(r.get("source"), r["round"])]) for r in row["rounds"]
+             if r["status"] == "ok" and (r.get("source"), r["round"]) in baseline]
+    if not pairs:
+        return None
+    ratio, low, high = paired_ratio_ci([p[0] for p in pairs], [p[1] for p in pairs])
+    return ratio, [low, high] if low is not None else None, len(pairs)
 
 
 def add_framework_ratios(rows: list[dict]) -> list[dict]:
@@ -139,21 +158,41 @@ def add_framework_ratios(rows: list[dict]) -> list[dict]:
     for row in rows:
         row.update(ratio_to_framework=None, ratio_to_framework_ci95=None, ratio_significance=None)
         framework = frameworks.get(key(row))
-        if row["path"] not in PATHS or row["status"] != "ok" or framework is None:
+        # A data-parallel row is compared with its 1-device keras-fit instead (add_device_ratios).
+        if row["path"] not in PATHS or row["status"] != "ok" or framework is None or row.get("device_count", 1) > 1:
             continue
         if row is framework:
             row.update(ratio_to_framework=1.0, ratio_to_framework_ci95=[1.0, 1.0], ratio_significance="")
             continue
-        baseline = {(r.get("source"), r["round"]): r["step_ms_mean"] for r in framework["rounds"] if r["status"] == "ok"}
-        pairs = [(r["step_ms_mean"], baseline[(r.get("source"), r["round"])]) for r in row["rounds"]
-                 if r["status"] == "ok" and (r.get("source"), r["round"]) in baseline]
-        if not pairs:
+        paired = _paired(row, framework, "step_ms_mean")
+        if paired:
+            ratio, ci, pairs = paired
+            row.update(ratio_to_framework=ratio, ratio_to_framework_ci95=ci, ratio_pairs=pairs,
+                       ratio_significance=significance_label(*(ci or (None, None))))
+    return rows
+
+
+def add_device_ratios(rows: list[dict]) -> list[dict]:
+    """speedup_over_one_device per row on N > 1 devices: its images/s over the same
+    path's on one device, per round (they ran side by side), then the median and 95% CI;
+    speedup_significance is "n.s." when that CI holds 1.0."""
+
+    def key(row):
+        return row.get("machine"), row["backend"], row["device"], row["batch_size"], row["path"]
+
+    anchors = {key(row): row for row in rows if row.get("device_count", 1) == 1 and row["status"] == "ok"}
+    for row in rows:
+        if row.get("device_count", 1) == 1:
             continue
-        ratio, low, high = paired_ratio_ci([p[0] for p in pairs], [p[1] for p in pairs])
-        row.update(ratio_to_framework=ratio, ratio_to_framework_ci95=[low, high] if low is not None else None,
-                   ratio_significance=significance_label(low, high), ratio_pairs=len(pairs))
+        row.update(speedup_over_one_device=None, speedup_over_one_device_ci95=None, speedup_significance=None)
+        anchor = anchors.get(key(row))
+        paired = _paired(row, anchor, "images_per_s") if anchor is not None and row["status"] == "ok" else None
+        if paired:
+            ratio, ci, pairs = paired
+            row.update(speedup_over_one_device=ratio, speedup_over_one_device_ci95=ci, speedup_pairs=pairs,
+                       speedup_significance=significance_label(*(ci or (None, None))))
     return rows
 
 
 def summarize_cells(rows: list[dict]) -> list[dict]:
-    return add_framework_ratios([summarize_row(row) for row in rows])
+    return add_device_ratios(add_framework_ratios([summarize_row(row) for row in rows]))

@@ -84,10 +84,12 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     datamodule.train_epoch = lambda epoch: (images, labels)
     datamodule.x_val, datamodule.y_val = datamodule.x_val[:0], datamodule.y_val[:0]
     step_ends = []
+    barrier = worker_barrier(trainer.engine)
 
     class Clock(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             backend.synchronize((logs or {}).get("loss"))  # the device has finished this step
+            barrier()  # and so has every other worker (data parallel with one process per device)
             step_ends.append(time.perf_counter())
 
     trainer.callbacks.append(Clock())
@@ -96,10 +98,28 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     started = time.perf_counter()
     trainer.fit(module, datamodule)
     figures = window_figures(started, step_ends, spec["warmup_steps"], config.batch_size)
+    engine = trainer.engine
+    # The devices that really trained, read back from the engine's copies of the weights (a
+    # collective under torch: every worker takes part), and how far those copies drifted apart.
+    devices_used, replica_difference = engine.replica_difference(module) if engine is not None else (1, 0.0)
     return {**add_epoch_estimate(figures, data_s, epoch_images), "steps_run": len(step_ends),
             "epochs_run": len(trainer.timer.step_seconds), "window_images": len(images),
             "device_name": backend.device_name(), "peak_device_mb": backend.peak_device_memory_mb(),
-            "keras_version": keras.__version__}
+            "keras_version": keras.__version__, "devices_used": devices_used,
+            "engine": engine.ENGINE if engine is not None else "single device",
+            "replica_max_weight_difference": replica_difference, "jit_compile": bool(module.jit_compile)}
+
+
+def worker_barrier(engine):
+    """A barrier every worker enters after each step when data parallel runs one process
+    per device (torch's process group), so that rank 0's clock reads the step's end on all
+    of them; otherwise nothing (one process drives every device)."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")
+    if engine is not None and distributed is not None and distributed.is_initialized():
+        return distributed.barrier
+    return lambda: None
 
 
 def run_framework_path(spec: dict, config, progress) -> dict:
