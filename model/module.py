@@ -38,7 +38,11 @@ class CNNModule(keras.Model):
         self.built = True
 
     def call(self, images, training=False):
-        return self.network(images, training=training)
+        # The backend's forward pass of the network: on torch, the layers' own calls without
+        # Keras' per-layer wrapping, which eager torch would run at every step (same numbers).
+        from backends import backend_module
+
+        return backend_module().forward(self.network, images, training)
 
     def build(self, input_shape=None):
         self.built = True
