@@ -450,6 +450,36 @@ def layer_calls(workdir: Path) -> dict:
 
 
 @check
+def xla_choice(workdir: Path) -> dict:
+    """TensorFlow: default_jit_compile by the CPU's flags (a /proc/cpuinfo-style file
+    with and without avx512f), for a CPU-only process; deterministic runs never use XLA."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return {"applies": False}
+    from backends import tensorflow_backend
+
+    flags = {"avx512": "flags\t\t: fpu sse2 avx avx2 avx512f avx512bw\n", "avx2": "flags\t\t: fpu sse2 avx avx2 fma\n"}
+    found = {}
+    for isa, line in flags.items():
+        path = workdir / f"cpuinfo-{isa}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("processor\t: 0\n" + line)
+        found[isa] = tensorflow_backend._cpu_has_avx512(str(path))
+    original = tensorflow_backend._cpu_has_avx512
+    chosen = {}
+    try:
+        for isa in flags:
+            tensorflow_backend._cpu_has_avx512 = lambda isa=isa: isa == "avx512"
+            chosen[isa] = tensorflow_backend.default_jit_compile()
+    finally:
+        tensorflow_backend._cpu_has_avx512 = original
+    return {"applies": True, "has_avx512": found, "jit_compile": chosen,
+            "deterministic": tensorflow_backend.default_jit_compile(deterministic=True),
+            "missing_file": tensorflow_backend._cpu_has_avx512(str(workdir / "absent"))}
+
+
+@check
 def compiled_convolution(workdir: Path) -> dict:
     """Which library XLA:CPU compiled the CNN's convolution to (JAX only: the flag in
     backends.FRAMEWORK_FLAGS moves it from YNNPACK to XLA's own; None elsewhere)."""

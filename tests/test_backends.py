@@ -143,6 +143,17 @@ def test_forward_without_layer_wrappers_equals_calling_the_network(backend, back
     assert run["regularized_layer_calls"] >= 1 and run["regularized_losses"] == 1
 
 
+@pytest.mark.only_backends("tensorflow", reason="JAX always compiles with XLA and torch runs eagerly; only "
+                            "TensorFlow's choice follows the CPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensorflow_uses_xla_except_on_avx512_cpus(backend, backend_results):
+    run = check_value(backend_results(backend), "xla_choice")
+    assert run["applies"]
+    assert run["has_avx512"] == {"avx512": True, "avx2": False} and run["missing_file"] is False
+    assert run["jit_compile"] == {"avx512": False, "avx2": True}
+    assert run["deterministic"] is False
+
+
 @pytest.mark.only_backends("jax", reason="the XLA_FLAGS convolution setting is JAX's alone")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jax_convolutions_compile_to_xla_own_kernels(backend, backend_results):
