@@ -82,6 +82,16 @@ def max_pool(inputs, pool_size: int):
     return functools.reduce(jnp.maximum, tiles)
 
 
+
+# ---------------------------------------------------------------------- forward pass
+
+
+def forward(network, images, training: bool = False):
+    """`network(images, training=training)`: under jax.jit Keras' per-layer Python runs once,
+    when the step is traced, so there is nothing to save (torch's `forward` skips it)."""
+    return network(images, training=training)
+
+
 # ---------------------------------------------------------------------- steps
 
 

@@ -8,6 +8,8 @@ import functools
 
 import numpy as np
 import tensorflow as tf
+# What TensorFlow's own gradients use to tell an XLA-compiled function (no public API).
+from tensorflow.python.ops import control_flow_util
 
 NAME = "tensorflow"
 
@@ -22,10 +24,24 @@ def configure(deterministic: bool = False) -> None:
 
 
 def default_jit_compile(deterministic: bool = False) -> bool:
-    # Keras' "auto" turns XLA off on CPU-only machines, but for this CNN with the strided
-    # pooling XLA measured faster on CPU as well (37 vs 59+ ms/step at batch 128).
-    # TF's op determinism does not cover every XLA kernel, so deterministic runs skip it.
-    return not deterministic
+    """Whether Keras compiles the steps with XLA. Keras' "auto" turns XLA off on CPU-only
+    machines; which is faster for this CNN depends on the CPU (measured, README's
+    Benchmarks): on AVX-512 TensorFlow's own kernels (oneDNN, with its MaxPool), on
+    AVX2 XLA with the strided pooling. GPUs keep XLA. TF's op determinism does not cover
+    every XLA kernel, so deterministic runs skip it."""
+    if deterministic:
+        return False
+    return bool(tf.config.list_physical_devices("GPU")) or not _cpu_has_avx512()
+
+
+def _cpu_has_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has AVX-512 (the kernel's `avx512f` flag; False where unreadable)."""
+    try:
+        with open(cpuinfo) as lines:
+            flags = next((line for line in lines if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512f" in flags.split(":", 1)[-1].split()
 
 
 def device_name() -> str:
@@ -86,12 +102,24 @@ def fuse_optimizer(optimizer) -> None:
 
 
 def max_pool(inputs, pool_size: int):
-    """Exact-tiling max pooling of NHWC `inputs` (TiledMaxPooling2D): the elementwise
-    maximum of the pool_size**2 strided sub-grids. Why: as on JAX, under XLA the stock
-    layer's gradient becomes select_and_scatter, a scalar loop nest on CPU; this one's is a
-    compare-and-mask."""
+    """Exact-tiling max pooling of NHWC `inputs` (TiledMaxPooling2D). Compiled by XLA: the
+    elementwise maximum of the pool_size**2 strided sub-grids, because XLA lowers the stock
+    op's gradient to select_and_scatter, a scalar loop nest on CPU, and this one's is a
+    compare-and-mask. Otherwise (no jit_compile, eager): TensorFlow's own MaxPool kernel,
+    whose gradient is a native kernel too, where the sub-grids would be separate ops."""
+    if not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        return tf.nn.max_pool2d(inputs, pool_size, pool_size, "VALID")
     tiles = [inputs[:, row::pool_size, column::pool_size, :] for row in range(pool_size) for column in range(pool_size)]
     return functools.reduce(tf.maximum, tiles)
+
+
+# ---------------------------------------------------------------------- forward pass
+
+
+def forward(network, images, training: bool = False):
+    """`network(images, training=training)`: under tf.function Keras' per-layer Python runs once,
+    when the step is traced, so there is nothing to save (torch's `forward` skips it)."""
+    return network(images, training=training)
 
 
 # ---------------------------------------------------------------------- steps

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import inspect
 import os
 import socket
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -102,6 +104,52 @@ def max_pool(inputs, pool_size: int):
     keras-fit-stock)."""
     pooled = F.max_pool2d(inputs.permute(0, 3, 1, 2), pool_size)
     return pooled.permute(0, 2, 3, 1)
+
+
+# ---------------------------------------------------------------------- forward pass
+
+
+_LAYER_CALLS = weakref.WeakKeyDictionary()
+
+
+def forward(network, images, training: bool = False):
+    """`network(images, training=training)`, computed by each layer's own `call` in turn.
+
+    Why: Keras' `Layer.__call__` wraps every call in Python (binding the call's signature,
+    name scopes, mask and autocast checks, the call context), which eager torch runs at every
+    step, where XLA and tf.function run it once, when tracing. A Sequential whose layers need
+    none of it (built, float32 throughout, no layer that makes a mask, adds losses or
+    regularizes its activity) gets the same torch ops in the same order, so the same numbers
+    (tested); any other network, and symbolic or non-float32 inputs, go through `network(...)`."""
+    calls = _LAYER_CALLS.get(network)
+    if calls is None:
+        calls = _plain_layer_calls(network)
+        if network.built:  # layers are fixed once built
+            _LAYER_CALLS[network] = calls
+    if not calls or not isinstance(images, torch.Tensor) or images.dtype != torch.float32:
+        return network(images, training=training)
+    for call, takes_training in calls:
+        images = call(images, training=training) if takes_training else call(images)
+    return images
+
+
+def _plain_layer_calls(network) -> list:
+    """[(layer.call, whether it takes `training`)] for a Sequential whose layers' __call__
+    adds nothing to their call; [] otherwise."""
+    import keras
+
+    if not isinstance(network, keras.Sequential) or not network.built:
+        return []
+    calls = []
+    for layer in network.layers:
+        plain = (layer.built and not layer.losses and layer.activity_regularizer is None
+                 and layer.dtype_policy.name == "float32"
+                 and type(layer).compute_mask is keras.layers.Layer.compute_mask
+                 and not isinstance(layer, keras.Model))
+        if not plain:
+            return []
+        calls.append((layer.call, "training" in inspect.signature(layer.call).parameters))
+    return calls
 
 
 # ---------------------------------------------------------------------- steps

@@ -42,7 +42,9 @@ class CNNModule(keras.Model):
         self.built = True
 
     def call(self, images, training=False):
-        return self.network(images, training=training)
+        # The backend's forward pass of the network: on torch, the layers' own calls without
+        # Keras' per-layer wrapping, which eager torch would run at every step (same numbers).
+        return BACKEND.forward(self.network, images, training)
 
     def build(self, input_shape=None):
         self.built = True

@@ -364,13 +364,122 @@ def fast_pooling(workdir: Path) -> dict:
     probabilities = [keras.ops.convert_to_numpy(m(datamodule.x_test[:512])) for m in (fast, stock)]
     gradients = [[keras.ops.convert_to_numpy(g) for g in backend_module().loss_and_gradients(m, (images, labels))[1]]
                  for m in (fast, stock)]
-    return {
+    result = {
         "forward_equal": bool(np.array_equal(forward_fast, forward_stock)),
         "forward_shape": list(forward_fast.shape),
         "probabilities_equal": bool(np.array_equal(*probabilities)),
         "gradient_max_relative_difference": max(
             float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(*gradients)),
     }
+    if keras.backend.backend() == "tensorflow":
+        # TensorFlow's kernel has two branches: the above ran eagerly (TF's MaxPool);
+        # compiled by XLA, as Keras compiles a jit_compile step, it is the strided maximum.
+        import tensorflow as tf
+
+        layers = (TiledMaxPooling2D(2), keras.layers.MaxPooling2D(2))
+        compiled = [tf.function(layer, jit_compile=True) for layer in layers]
+        xla_forward = [function(activations).numpy() for function in compiled]
+        # Against the stock layer's eager gradients: XLA refuses MaxPool's gradient once
+        # op determinism is on (an earlier check in this process turns it on).
+        backend = backend_module()
+        xla_gradients = [g.numpy() for g in tf.function(
+            lambda: backend.loss_and_gradients(fast, (images, labels))[1], jit_compile=True)()]
+        result.update(
+            xla_forward_equal=bool(np.array_equal(*xla_forward)),
+            xla_gradient_max_relative_difference=max(
+                float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(xla_gradients, gradients[1])),
+            **{f"xla_{name}_reduce_window": "reduce-window" in function.experimental_get_compiler_ir(activations)(
+                stage="hlo", device_name=tf.config.list_logical_devices("CPU")[0].name)
+               for name, function in zip(("tiled", "stock"), compiled)})
+    return result
+
+
+@check
+def layer_calls(workdir: Path) -> dict:
+    """torch: backends.torch_backend.forward (each layer's own call, without Keras'
+    Layer.__call__ around it) against calling the network, on a real training batch:
+    probabilities and gradients, how many Layer.__call__ ran, and a network that must go
+    through Keras' __call__ (an activity regularizer adds its loss there)."""
+    import keras
+    import numpy as np
+
+    from backends import backend_module
+
+    if keras.backend.backend() != "torch":
+        return {"applies": False}
+    backend = backend_module()
+    images, labels = (keras.ops.convert_to_tensor(part) for part in next(_datamodule().train_batches(0)))
+    module = _module()
+    layer_call = keras.layers.Layer.__call__
+    counted = []
+
+    def counting(self, *args, **kwargs):
+        counted.append(self.name)
+        return layer_call(self, *args, **kwargs)
+
+    def run(forward):
+        for variable in module.trainable_variables:
+            variable.value.grad = None
+        counted.clear()
+        keras.layers.Layer.__call__ = counting
+        try:
+            probabilities = forward(images)
+        finally:
+            keras.layers.Layer.__call__ = layer_call
+        calls = len(counted)
+        loss = module.training_step((images, labels), probabilities)[0]
+        loss.backward()
+        gradients = [keras.ops.convert_to_numpy(variable.value.grad) for variable in module.trainable_variables]
+        return keras.ops.convert_to_numpy(probabilities.detach()), gradients, calls
+
+    stock = run(lambda x: module.network(x, training=True))
+    lean = run(lambda x: backend.forward(module.network, x, training=True))
+    regularized = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activity_regularizer="l2")])
+    counted.clear()
+    keras.layers.Layer.__call__ = counting
+    try:
+        backend.forward(regularized, keras.ops.ones((2, 4)), training=True)
+    finally:
+        keras.layers.Layer.__call__ = layer_call
+    return {
+        "applies": True,
+        "forward_equal": bool(np.array_equal(stock[0], lean[0])),
+        "gradients_equal": all(np.array_equal(a, b) for a, b in zip(stock[1], lean[1])),
+        "layer_calls_network": stock[2],
+        "layer_calls_forward": lean[2],
+        "regularized_layer_calls": len(counted),
+        "regularized_losses": len(regularized.losses),
+    }
+
+
+@check
+def xla_choice(workdir: Path) -> dict:
+    """TensorFlow: default_jit_compile by the CPU's flags (a /proc/cpuinfo-style file
+    with and without avx512f), for a CPU-only process; deterministic runs never use XLA."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return {"applies": False}
+    from backends import tensorflow_backend
+
+    flags = {"avx512": "flags\t\t: fpu sse2 avx avx2 avx512f avx512bw\n", "avx2": "flags\t\t: fpu sse2 avx avx2 fma\n"}
+    found = {}
+    for isa, line in flags.items():
+        path = workdir / f"cpuinfo-{isa}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("processor\t: 0\n" + line)
+        found[isa] = tensorflow_backend._cpu_has_avx512(str(path))
+    original = tensorflow_backend._cpu_has_avx512
+    chosen = {}
+    try:
+        for isa in flags:
+            tensorflow_backend._cpu_has_avx512 = lambda isa=isa: isa == "avx512"
+            chosen[isa] = tensorflow_backend.default_jit_compile()
+    finally:
+        tensorflow_backend._cpu_has_avx512 = original
+    return {"applies": True, "has_avx512": found, "jit_compile": chosen,
+            "deterministic": tensorflow_backend.default_jit_compile(deterministic=True),
+            "missing_file": tensorflow_backend._cpu_has_avx512(str(workdir / "absent"))}
 
 
 @check

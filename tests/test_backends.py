@@ -105,6 +105,11 @@ def test_fast_pooling_equals_stock_max_pooling(backend, backend_results):
     assert result["probabilities_equal"]
     print(f"pooling on {backend}: gradient max relative difference {result['gradient_max_relative_difference']:.3g}")
     assert result["gradient_max_relative_difference"] <= 1e-5
+    if backend == "tensorflow":
+        # Under XLA the layer is the strided maximum (no reduce-window), equal to the stock layer.
+        assert result["xla_stock_reduce_window"] and not result["xla_tiled_reduce_window"]
+        assert result["xla_forward_equal"]
+        assert result["xla_gradient_max_relative_difference"] <= 1e-5
 
 
 @pytest.mark.only_backends("torch", reason="fuse_optimizer does nothing here (XLA fuses Keras' update), "
@@ -120,6 +125,33 @@ def test_fused_weight_average_equals_keras_own(backend, backend_results):
     assert run["max_average_vs_weights"] > 1e-2
     assert run["max_average_difference"] <= 1e-6
     assert run["max_weight_difference"] == 0.0
+
+
+@pytest.mark.only_backends("torch", reason="XLA and tf.function trace Keras' per-layer Python once; only eager "
+                            "torch runs it every step")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_without_layer_wrappers_equals_calling_the_network(backend, backend_results):
+    """backends/torch_backend.forward: the layers' own calls give the network's numbers
+    exactly, with no Layer.__call__ on the way; a network whose __call__ does something
+    (an activity regularizer's loss) is still called through Keras."""
+    run = check_value(backend_results(backend), "layer_calls")
+    assert run["applies"]
+    assert run["forward_equal"], "forward's probabilities differ from network(...)'s"
+    assert run["gradients_equal"], "the gradients through forward differ from those through network(...)"
+    assert run["layer_calls_network"] >= 5
+    assert run["layer_calls_forward"] == 0
+    assert run["regularized_layer_calls"] >= 1 and run["regularized_losses"] == 1
+
+
+@pytest.mark.only_backends("tensorflow", reason="JAX always compiles with XLA and torch runs eagerly; only "
+                            "TensorFlow's choice follows the CPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensorflow_uses_xla_except_on_avx512_cpus(backend, backend_results):
+    run = check_value(backend_results(backend), "xla_choice")
+    assert run["applies"]
+    assert run["has_avx512"] == {"avx512": True, "avx2": False} and run["missing_file"] is False
+    assert run["jit_compile"] == {"avx512": False, "avx2": True}
+    assert run["deterministic"] is False
 
 
 @pytest.mark.only_backends("jax", reason="the XLA_FLAGS convolution setting is JAX's alone")

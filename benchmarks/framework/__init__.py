@@ -24,7 +24,7 @@ BASELINE_MODULES = {
     "torch": "benchmarks.framework.torch_baseline",
 }
 
-# keras.optimizers.Adam's defaults; the baselines reproduce its update exactly.
+# keras.optimizers.Adam's defaults; the baselines compute its update (torch's fused kernel up to rounding).
 BETA_1 = 0.9
 BETA_2 = 0.999
 EPSILON = 1e-7

@@ -1,6 +1,9 @@
 """TensorFlow baseline: the CNN and Keras' Adam written directly in TensorFlow, no Keras.
 
-One `tf.function` step over raw `tf.Variable`s, updated in place with `assign_*`.
+One `tf.function` step over raw `tf.Variable`s, updated in place with `assign_*`. Compiled
+with XLA or not as the Keras path is on this machine (`default_jit_compile` in
+backends/tensorflow_backend.py, by CPU), with the pooling that suits each: the strided
+maximum under XLA, TensorFlow's own MaxPool kernel without it.
 
 Measured on CPU (2 cores shared with other jobs, load average ~5, so absolute times
 are inflated; compare within this table only). Variants ran interleaved in one
@@ -21,11 +24,12 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from backends.tensorflow_backend import default_jit_compile
 from benchmarks.framework import BETA_1, BETA_2, EPSILON, PREDICT_BATCH_SIZE, TrainState
 
 NAME = "tensorflow"
-# XLA: about twice as fast on CPU as TF's graph executor here (timings above).
-JIT_COMPILE = True
+# The Keras path's choice on this machine (see the docstring).
+JIT_COMPILE = default_jit_compile()
 
 
 # ---------------------------------------------------------------------- network
@@ -34,9 +38,11 @@ JIT_COMPILE = True
 def max_pool(x):
     """2x2/stride-2 max pooling of NHWC `x` with even height and width.
 
-    As the maximum of the four strided sub-grids, like the Keras model's
-    TiledMaxPooling2D: under XLA its gradient is a cheap compare-and-mask (see the
-    timings above)."""
+    Under XLA the maximum of the four strided sub-grids, like the Keras model's
+    TiledMaxPooling2D: its gradient is a cheap compare-and-mask, where XLA lowers
+    MaxPool's to a scalar loop nest. Without XLA, TensorFlow's own MaxPool kernel."""
+    if not JIT_COMPILE:
+        return tf.nn.max_pool2d(x, 2, 2, "VALID")
     top = tf.maximum(x[:, 0::2, 0::2, :], x[:, 0::2, 1::2, :])
     bottom = tf.maximum(x[:, 1::2, 0::2, :], x[:, 1::2, 1::2, :])
     return tf.maximum(top, bottom)
