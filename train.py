@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from model.arguments import accuracy_fraction, int_in_range, positive_float, positive_int
-from model.config import ACCELERATORS, BACKENDS, POOLINGS, SEED_RANGE, STEPS, TrainConfig
+from model.config import ACCELERATORS, BACKENDS, POOLINGS, RECIPES, SEED_RANGE, STEPS, TrainConfig
 from model.runtime import UsageError, select_backend
 
 
@@ -25,6 +25,9 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
     parser.add_argument("--backend", help="Keras backend, one of " + ", ".join(BACKENDS)
                         + " (default: $KERAS_BACKEND, else keras.json, else tensorflow)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=defaults.recipe,
+                        help="a named set of settings (model/config.py RECIPES); flags given explicitly override "
+                             "its values. " + "; ".join(f"{name}: {describe_recipe(name)}" for name in RECIPES))
     parser.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="epochs to train")
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                         help="training batch size: the global batch, split evenly over all devices")
@@ -66,6 +69,11 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     return parser
 
 
+def describe_recipe(name: str) -> str:
+    values = RECIPES[name]
+    return ", ".join(f"{field}={value}" for field, value in values.items()) if values else "the defaults shown"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
@@ -104,6 +112,7 @@ def main(argv=None) -> int:
     )
     if args.no_augment:
         config = config.replace(shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0)
+    config = config.with_recipe(args.recipe, keep=given_settings(argv))
     try:
         backend = select_backend(args.backend)
         # Hook (model/devices.py): refuse what cannot run, and set what the framework

@@ -23,6 +23,9 @@ class TrainConfig:
     batch_size: int = 128
     # Peak Adam learning rate; it decays to zero along a cosine over the whole run.
     lr: float = 2e-3
+    # The learning rate first rises linearly from 0 to lr over this many epochs (a fraction
+    # is fine), then the cosine runs over the rest (Keras' CosineDecay warm-up). 0: none.
+    warmup_epochs: float = 0.0
     seed: int = 0
     # Keep an exponential moving average of the weights (Keras' Adam(use_ema=True)); the
     # trained model is the average. None turns it off.
@@ -36,6 +39,9 @@ class TrainConfig:
     shift_pixels: float = 2.0
     rotation_degrees: float = 10.0
     zoom: float = 0.1
+    # The name in RECIPES whose values this config took (train.py --recipe); recorded in
+    # run.json and the resume checkpoint. Set it with with_recipe(), which applies them.
+    recipe: str = "default"
     # Lightning-style quick-check knobs.
     limit_train_batches: int | None = None
     dry_run: bool = False
@@ -70,6 +76,13 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_recipe(self, name: str, keep=()) -> "TrainConfig":
+        """This config with recipe `name`'s values, except the fields named in `keep`
+        (train.py: the flags given explicitly, which win over the recipe)."""
+        if name not in RECIPES:
+            raise ValueError(f"Unknown recipe. Received: recipe={name!r}; valid: {', '.join(RECIPES)}")
+        return self.replace(recipe=name, **{field: value for field, value in RECIPES[name].items() if field not in keep})
+
     def effective(self) -> "TrainConfig":
         """The config the run really uses once --dry-run has been applied."""
         if self.dry_run:
@@ -92,14 +105,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Named recipes (train.py --recipe NAME): each a set of TrainConfig values over its defaults.
+# "fast" reaches 99% test accuracy in 2 epochs (README: "Recipes"; the 3-seed runs are in
+# benchmarks/results/): no augmentation and no weight average, which slow a short run.
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "fast": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.0, "ema_momentum": None,
+             "shift_pixels": 0.0, "rotation_degrees": 0.0, "zoom": 0.0},
+}
+
 # The settings that define a run's maths, each with the flag that sets it: stored in the
 # resume checkpoint, and refused on --resume when a flag asks for another value.
 RUN_SETTINGS = {
     "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed",
     "limit_train_batches": "--limit-train-batches", "step": "--step", "pooling": "--pooling",
     "shift_pixels": "--no-augment", "rotation_degrees": "--no-augment", "zoom": "--no-augment",
-    "ema_momentum": None, "validation_size": None,
+    "ema_momentum": None, "validation_size": None, "warmup_epochs": None, "recipe": "--recipe",
 }
+# Run settings added after checkpoints were first written, with the value every run before
+# them had: a checkpoint that lacks one trained with that value.
+RUN_SETTINGS_ADDED = {"warmup_epochs": 0.0, "recipe": "default"}
 # Seeds feed numpy's generator, which takes 0 to 2**32 - 1.
 SEED_RANGE = (0, 2**32 - 1)
 

@@ -20,12 +20,13 @@ STAGES = ("train", "val", "test")
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class CNNModule(keras.Model):
     def __init__(self, lr: float = 1e-3, decay_steps: int = 0, pooling: str = "fast", step: str = "keras",
-                 ema_momentum: float | None = None, **kwargs):
+                 ema_momentum: float | None = None, warmup_steps: int = 0, **kwargs):
         super().__init__(**kwargs)
         if step not in STEPS:
             raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
         self.lr = float(lr)
         self.decay_steps = int(decay_steps)
+        self.warmup_steps = int(warmup_steps)
         self.pooling = pooling
         self.step = step
         self.ema_momentum = ema_momentum
@@ -46,11 +47,15 @@ class CNNModule(keras.Model):
     # ------------------------------------------------------------------ optimizer
 
     def configure_optimizers(self) -> keras.optimizers.Optimizer:
-        """Adam; with decay_steps > 0 the learning rate follows a cosine from lr to 0. With
+        """Adam; with decay_steps > 0 the learning rate follows a cosine from lr to 0 over
+        that many steps, the first warmup_steps of them a linear rise from 0 to lr. With
         ema_momentum, Keras keeps an exponential moving average of the weights and puts it
         in place of the weights when fit() ends (the averaged net generalises better)."""
         learning_rate = self.lr
-        if self.decay_steps > 0:
+        if self.decay_steps > 0 and self.warmup_steps > 0:
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                0.0, max(self.decay_steps - self.warmup_steps, 1), warmup_target=self.lr, warmup_steps=self.warmup_steps)
+        elif self.decay_steps > 0:
             learning_rate = keras.optimizers.schedules.CosineDecay(self.lr, self.decay_steps)
         if self.ema_momentum is None:
             return keras.optimizers.Adam(learning_rate=learning_rate)
@@ -111,6 +116,7 @@ class CNNModule(keras.Model):
             "name": self.name,
             "lr": self.lr,
             "decay_steps": self.decay_steps,
+            "warmup_steps": self.warmup_steps,
             "pooling": self.pooling,
             "step": self.step,
             "ema_momentum": self.ema_momentum,
