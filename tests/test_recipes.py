@@ -26,11 +26,19 @@ from keras import ops
 
 from model.module import CNNModule
 
-steps = [0, 5, 10, 55, 100, 120]
-schedule = CNNModule(lr=1e-3, decay_steps=100, warmup_steps=10).configure_optimizers().learning_rate
-plain = CNNModule(lr=1e-3, decay_steps=100).configure_optimizers().learning_rate
-print(json.dumps({"warm": [float(ops.convert_to_numpy(schedule(step))) for step in steps],
-                  "plain": [float(ops.convert_to_numpy(plain(step))) for step in steps]}))
+
+
+def rates(optimizer):
+    """The learning rate the optimizer uses at each step."""
+    found = []
+    for step in (0, 5, 10, 55, 100, 120):
+        optimizer.iterations.assign(step)
+        found.append(float(ops.convert_to_numpy(optimizer.learning_rate)))
+    return found
+
+
+print(json.dumps({"warm": rates(CNNModule(lr=1e-3, decay_steps=100, warmup_steps=10).configure_optimizers()),
+                  "plain": rates(CNNModule(lr=1e-3, decay_steps=100).configure_optimizers())}))
 '''
 
 EXPLICIT_LR = 0.0042
