@@ -106,12 +106,14 @@ class TrainConfig:
 
 
 # Named recipes (train.py --recipe NAME): each a set of TrainConfig values over its defaults.
-# "fast" reaches 99% test accuracy in 2 epochs (README: "Recipes"; the 3-seed runs are in
-# benchmarks/results/): no augmentation and no weight average, which slow a short run.
+# "fast" trains 2 epochs (README: "Recipes"; its 3-seed runs are in benchmarks/results/):
+# a 10x higher peak learning rate after a warm-up, so that the cosine anneals a well-moved
+# net in 860 steps, and no weight average (momentum 0.999 would still hold 42% of the
+# first step's weights after 860 steps). Measured on JAX, seed 0, 2 epochs: lr 2e-3 98.10%,
+# 6e-3 98.62%, 1e-2 98.78%, 1e-2 with the augmentation 98.85%, 2e-2 with it 98.99%.
 RECIPES: dict[str, dict] = {
     "default": {},
-    "fast": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.0, "ema_momentum": None,
-             "shift_pixels": 0.0, "rotation_degrees": 0.0, "zoom": 0.0},
+    "fast": {"epochs": 2, "lr": 2e-2, "warmup_epochs": 0.3, "ema_momentum": None},
 }
 
 # The settings that define a run's maths, each with the flag that sets it: stored in the
