@@ -17,16 +17,42 @@ from model.config import STEPS
 STAGES = ("train", "val", "test")
 
 
+def sparse_crossentropy(labels, probabilities, label_smoothing: float = 0.0):
+    """Per-image cross-entropy of integer labels; with label_smoothing the target is
+    (1 - label_smoothing) on the label plus label_smoothing / 10 on every class (Keras'
+    categorical_crossentropy does the smoothing; its sparse form has none)."""
+    if not label_smoothing:
+        return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+    targets = ops.one_hot(ops.cast(ops.reshape(labels, (-1,)), "int32"), ops.shape(probabilities)[-1])
+    return keras.losses.categorical_crossentropy(targets, probabilities, label_smoothing=label_smoothing)
+
+
+@keras.saving.register_keras_serializable(package="mnist_cnn")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """SparseCategoricalCrossentropy with label smoothing (sparse_crossentropy)."""
+
+    def __init__(self, label_smoothing: float = 0.1, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        return sparse_crossentropy(y_true, y_pred, self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class CNNModule(keras.Model):
     def __init__(self, lr: float = 1e-3, decay_steps: int = 0, pooling: str = "fast", step: str = "keras",
-                 ema_momentum: float | None = None, warmup_steps: int = 0, **kwargs):
+                 ema_momentum: float | None = None, warmup_steps: int = 0, label_smoothing: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if step not in STEPS:
             raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
         self.lr = float(lr)
         self.decay_steps = int(decay_steps)
         self.warmup_steps = int(warmup_steps)
+        self.label_smoothing = float(label_smoothing)
         self.pooling = pooling
         self.step = step
         self.ema_momentum = ema_momentum
@@ -65,7 +91,8 @@ class CNNModule(keras.Model):
         """Compile with this module's optimizer, loss and accuracy metric."""
         self.compile(
             optimizer=self.configure_optimizers(),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
+            loss=(SmoothedSparseCrossentropy(self.label_smoothing) if self.label_smoothing
+                  else keras.losses.SparseCategoricalCrossentropy()),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
             jit_compile=jit_compile,
             steps_per_execution=steps_per_execution,
@@ -82,7 +109,7 @@ class CNNModule(keras.Model):
         images, labels = batch
         if probabilities is None:
             probabilities = self(images, training=stage == "train")
-        loss = ops.mean(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
+        loss = ops.mean(sparse_crossentropy(labels, probabilities, self.label_smoothing))
         hits = ops.equal(ops.argmax(probabilities, axis=-1), ops.cast(labels, "int32"))
         accuracy = ops.mean(ops.cast(hits, "float32"))
         return loss, probabilities, {f"{stage}_loss": loss, f"{stage}_accuracy": accuracy}
@@ -117,6 +144,7 @@ class CNNModule(keras.Model):
             "lr": self.lr,
             "decay_steps": self.decay_steps,
             "warmup_steps": self.warmup_steps,
+            "label_smoothing": self.label_smoothing,
             "pooling": self.pooling,
             "step": self.step,
             "ema_momentum": self.ema_momentum,

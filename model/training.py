@@ -123,6 +123,7 @@ def prepare_run(config: TrainConfig, arrays=None):
     with engine.scope() if engine is not None else contextlib.nullcontext():
         module = CNNModule(lr=config.lr, decay_steps=config.epochs * datamodule.steps_per_epoch,
                            warmup_steps=round(config.warmup_epochs * datamodule.steps_per_epoch),
+                           label_smoothing=config.label_smoothing,
                            pooling=config.pooling, step=config.step, ema_momentum=config.ema_momentum)
         # Weights drawn with numpy: every backend starts from the same numbers for a seed.
         module.network.set_weights(seeded_weights(module.network, config.seed))
