@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from model.config import RECIPES, RUN_SETTINGS_ADDED, TrainConfig
@@ -22,9 +23,10 @@ import json
 from model.runtime import select_backend
 
 select_backend("torch")
+import numpy as np
 from keras import ops
 
-from model.module import CNNModule
+from model.module import CNNModule, sparse_crossentropy
 
 
 
@@ -37,8 +39,16 @@ def rates(optimizer):
     return found
 
 
+# The loss a module with label smoothing trains with, on two known images.
+probabilities = np.array([[0.7, 0.2, 0.1] + [0.0] * 7, [0.1] * 10], "float32")
+labels = np.array([0, 3], "int32")
+module = CNNModule(label_smoothing=0.1).configure()
+smoothed = module.compute_loss(y=labels, y_pred=probabilities)
 print(json.dumps({"warm": rates(CNNModule(lr=1e-3, decay_steps=100, warmup_steps=10).configure_optimizers()),
-                  "plain": rates(CNNModule(lr=1e-3, decay_steps=100).configure_optimizers())}))
+                  "plain": rates(CNNModule(lr=1e-3, decay_steps=100).configure_optimizers()),
+                  "smoothed_loss": float(ops.convert_to_numpy(smoothed)),
+                  "step_loss": float(ops.convert_to_numpy(module.training_step((None, labels), probabilities)[0])),
+                  "plain_loss": float(ops.convert_to_numpy(ops.mean(sparse_crossentropy(labels, probabilities))))}))
 '''
 
 EXPLICIT_LR = 0.0042
@@ -80,6 +90,16 @@ def test_warm_up_rises_linearly_then_the_cosine_runs_over_the_remaining_steps(re
     assert schedule["warm"] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4, 0.0, 0.0], abs=1e-9)
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * min(step, 100) / 100)) for step in (0, 5, 10, 55, 100, 120)]
     assert schedule["plain"] == pytest.approx(cosine, abs=1e-9)  # without warm-up: as before
+
+
+def test_label_smoothing_is_keras_formula_in_compile_and_in_the_native_step(recipe_runs):
+    schedule, _ = recipe_runs
+    probabilities = np.clip(np.array([[0.7, 0.2, 0.1] + [0.0] * 7, [0.1] * 10]), 1e-7, 1 - 1e-7)
+    targets = np.eye(10)[[0, 3]] * 0.9 + 0.01  # (1 - 0.1) on the label, 0.1 / 10 on every class
+    expected = float(np.mean(-(targets * np.log(probabilities)).sum(axis=-1)))
+    assert schedule["smoothed_loss"] == pytest.approx(expected, rel=1e-5)
+    assert schedule["step_loss"] == pytest.approx(expected, rel=1e-5)
+    assert schedule["plain_loss"] == pytest.approx(float(np.mean(-np.log(probabilities[[0, 1], [0, 3]]))), rel=1e-5)
 
 
 def test_an_unknown_recipe_names_the_valid_ones():
