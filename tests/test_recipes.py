@@ -60,8 +60,10 @@ def recipe_runs(tmp_path_factory):
     require_backend("torch")
     root = tmp_path_factory.mktemp("recipes")
     schedule = StartedPython(["-c", SCHEDULE], None, root / "logs-schedule")
-    run = StartedPython(["train.py", "--backend", "torch", "--recipe", "fast", "--lr", str(EXPLICIT_LR),
-                         "--limit-train-batches", "2", "--output-dir", root / "fast"], None, root / "logs-fast")
+    # --epochs and --lr given: they win over the recipe's (and keep the run short even if
+    # the recipe were ignored); the recipe's other values must reach the run.
+    run = StartedPython(["train.py", "--backend", "torch", "--recipe", "fast", "--lr", str(EXPLICIT_LR), "--epochs",
+                         "1", "--limit-train-batches", "2", "--output-dir", root / "fast"], None, root / "logs-fast")
     result = schedule.wait(300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), (run.wait(300), root / "fast")
@@ -72,11 +74,12 @@ def test_a_recipes_values_reach_run_json_and_explicit_flags_win(recipe_runs):
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((output / "run.json").read_text())["config"]
     assert config["recipe"] == "fast"
-    assert config["lr"] == EXPLICIT_LR != RECIPES["fast"]["lr"]  # the flag given wins
+    assert config["lr"] == EXPLICIT_LR != RECIPES["fast"]["lr"]  # the flags given win
+    assert config["epochs"] == 1 != RECIPES["fast"]["epochs"]
     assert config["limit_train_batches"] == 2
     for name, value in RECIPES["fast"].items():
-        if name != "lr":
-            assert config[name] == value, name
+        if name not in ("lr", "epochs"):
+            assert config[name] == value != getattr(TrainConfig(), name), name
     # What the run resumes with is the recipe's too (last.keras's trainer state).
     from model.checkpoint import read_trainer_state
 
