@@ -31,13 +31,14 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     return add_config_flags(parser, TrainConfig)
 
 
-def config_from(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the parsed flags ask for."""
+def config_from(args: argparse.Namespace, given: set[str] = frozenset()) -> TrainConfig:
+    """The TrainConfig the parsed flags ask for: --recipe's values, then the flags in
+    `given` (those set on the command line) over them."""
     names = {field.name for field in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{name: value for name, value in vars(args).items() if name in names})
     if args.no_augment:
         config = config.replace(**{name: 0.0 for name, flag in RUN_SETTINGS.items() if flag == NO_AUGMENT})
-    return config
+    return config.with_recipe(config.recipe, keep=given)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +69,7 @@ def resume_command(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = config_from(args)
+    config = config_from(args, given_settings(argv))
     try:
         backend = select_backend(args.backend)
         # Hook (model/devices.py): refuse what cannot run, and set what the framework

@@ -1,13 +1,15 @@
-"""Test accuracy of the default train.py recipe: 3 seeds on every backend.
+"""Test accuracy of a train.py recipe: 3 seeds on every backend.
 
     python benchmarks/accuracy.py                       # 3 seeds x 3 backends, sequentially
+    python benchmarks/accuracy.py --recipe fast         # the 2-epoch recipe (model/config.py RECIPES)
     python benchmarks/accuracy.py --seeds 0 --backends jax --epochs 1   # a quick look
     python benchmarks/accuracy.py --report benchmarks/results/*/accuracy-*.json  # merge runs
 
-Each run is `train.py --backend B --seed S` in its own process (one backend per process),
+Each run is `train.py --backend B --seed S --recipe R` in its own process (one backend per process),
 run one after another so they do not compete for cores. Writes
 benchmarks/results/<machine>/accuracy-<UTC time>.json with
-`runs: [{backend, seed, test_accuracy, epochs, wall_s, ...}]` and the mean per backend.
+`runs: [{recipe, backend, seed, test_accuracy, epochs, wall_s, ...}]` and the mean per recipe
+and backend.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import commit_info, describe_machine, machine_slug, package_versions  # noqa: E402
 from model.arguments import comma_list, positive_int  # noqa: E402
 from model.checkpoint import write_json  # noqa: E402
-from model.config import BACKENDS, TrainConfig  # noqa: E402
+from model.config import BACKENDS, RECIPES, TrainConfig  # noqa: E402
 
 
-def run_one(backend: str, seed: int, epochs: int | None, workdir: Path) -> dict:
-    output = workdir / f"{backend}-seed{seed}"
+def run_one(backend: str, seed: int, epochs: int | None, workdir: Path, recipe: str = "default") -> dict:
+    output = workdir / f"{recipe}-{backend}-seed{seed}"
     command = [sys.executable, str(REPO / "train.py"), "--backend", backend, "--seed", str(seed),
-               "--output-dir", str(output)]
+               "--recipe", recipe, "--output-dir", str(output)]
     if epochs:
         command += ["--epochs", str(epochs)]
     commit = commit_info()  # per run: a long sweep can span commits
@@ -44,15 +46,18 @@ def run_one(backend: str, seed: int, epochs: int | None, workdir: Path) -> dict:
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
         if result.returncode < 0:
             reason = f"killed by signal {-result.returncode}; last output: {reason}"
-        return {"backend": backend, "seed": seed, "status": "failed", "reason": reason, "wall_s": wall, "commit": commit}
+        return {"recipe": recipe, "backend": backend, "seed": seed, "status": "failed", "reason": reason, "wall_s": wall, "commit": commit}
     run = json.loads((output / "run.json").read_text())
     return {
+        "recipe": run["config"].get("recipe", "default"),
         "backend": backend,
         "seed": seed,
         "status": "ok",
         "test_accuracy": run["test_accuracy"],
         "test_loss": run["test_loss"],
         "epochs": run["config"]["epochs"],
+        "batch_size": run["config"]["batch_size"],
+        "steps_per_epoch": run.get("steps_per_epoch"),
         "wall_s": wall,
         "step_ms_median": run["step_ms_median"],
         "device": run["device"],
@@ -72,15 +77,25 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def print_summary(summary: dict) -> None:
-    print("\n| backend | seeds | mean test accuracy | min | max |\n| --- | --- | --- | --- | --- |")
-    for backend, row in summary.items():
-        seeds = ", ".join(map(str, row["seeds"]))
-        print(f"| {backend} | {seeds} | {row['mean_test_accuracy']:.4f} | {row['min']:.4f} | {row['max']:.4f} |")
+def recipe_of(run: dict) -> tuple[str, int | None]:
+    """(recipe, epochs) a run trained with; files from before recipes ran the default."""
+    return run.get("recipe", "default"), run.get("epochs")
+
+
+def print_summary(runs: list[dict]) -> None:
+    """One row per recipe (with its epochs) and backend."""
+    print("\n| recipe | epochs | backend | seeds | mean test accuracy | min | max |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for recipe, epochs in sorted({recipe_of(run) for run in runs if run["status"] == "ok"}, key=str):
+        summary = summarize([run for run in runs if recipe_of(run) == (recipe, epochs)])
+        for backend, row in summary.items():
+            seeds = ", ".join(map(str, row["seeds"]))
+            print(f"| {recipe} | {epochs} | {backend} | {seeds} | {row['mean_test_accuracy']:.4f} | {row['min']:.4f} "
+                  f"| {row['max']:.4f} |")
 
 
 def report(paths: list[Path]) -> int:
-    """Merge the runs of several results files (the latest run of each backend and seed wins)."""
+    """Merge the runs of several results files (the latest run of each recipe, backend and
+    seed wins)."""
     files = []
     for path in paths:
         try:
@@ -93,11 +108,11 @@ def report(paths: list[Path]) -> int:
     for _, runs in sorted(files, key=lambda item: item[0]):
         for run in runs:
             if run["status"] == "ok":
-                latest[(run["backend"], run["seed"])] = run
+                latest[(*recipe_of(run), run["backend"], run["seed"])] = run
     if not latest:
         print("accuracy.py: error: no successful run in " + ", ".join(map(str, paths)), file=sys.stderr)
         return 1
-    print_summary(summarize(list(latest.values())))
+    print_summary(list(latest.values()))
     return 0
 
 
@@ -106,8 +121,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=list(BACKENDS), help="backends to run")
     parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="seeds to run")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=TrainConfig.recipe,
+                        help="train.py --recipe: the named settings to run (model/config.py RECIPES)")
     parser.add_argument("--epochs", type=positive_int, default=None,
-                        help=f"override the recipe's epochs (default: the recipe's {TrainConfig().epochs})")
+                        help="override the recipe's epochs (default: the recipe's own)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where the JSON goes (default: benchmarks/results/<machine>/)")
     parser.add_argument("--report", type=Path, nargs="+", metavar="FILE",
@@ -133,7 +150,8 @@ def main(argv=None) -> int:
             "commit": commit_info(),
             "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions(),
-            "recipe": {**TrainConfig().to_dict(), **({"epochs": args.epochs} if args.epochs else {})},
+            "recipe": TrainConfig().with_recipe(args.recipe).replace(**({"epochs": args.epochs} if args.epochs else {}))
+            .to_dict(),
             "runs": runs,
             "summary": summarize(runs),
         })
@@ -141,13 +159,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="accuracy-") as workdir:
         for backend in args.backends:
             for seed in args.seeds:
-                print(f"[{len(runs) + 1}/{total}] {backend} seed {seed} ...", flush=True)
-                run = run_one(backend, seed, args.epochs, Path(workdir))
+                print(f"[{len(runs) + 1}/{total}] {args.recipe} recipe, {backend} seed {seed} ...", flush=True)
+                run = run_one(backend, seed, args.epochs, Path(workdir), args.recipe)
                 runs.append(run)
                 save()
                 shown = f"{run['test_accuracy']:.4f}" if run["status"] == "ok" else f"failed: {run['reason']}"
                 print(f"    test accuracy {shown} in {run['wall_s']:.0f} s; saved in {path}", flush=True)
-    print_summary(summarize(runs))
+    print_summary(runs)
     print(f"\nwrote {path}")
     return 0 if all(r["status"] == "ok" for r in runs) else 1
 

@@ -29,6 +29,17 @@ DEVICES_GROUP = "more than one device (data parallel)"
 DRY_RUN_BATCHES = 5
 
 
+# Named recipes (train.py --recipe NAME): each a set of TrainConfig values over its defaults.
+# "fast" trains 2 epochs (README: "Recipes"; its 3-seed runs are in benchmarks/results/):
+# a 5x higher peak learning rate after a warm-up, so that the cosine anneals a well-moved
+# net in 860 steps; label smoothing; no weight average (momentum 0.999 would still hold 42%
+# of the first step's weights after 860 steps). What each lever did: README, "Recipes".
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "fast": {"epochs": 2, "lr": 1e-2, "warmup_epochs": 0.3, "label_smoothing": 0.1, "ema_momentum": None},
+}
+
+
 def setting(default, help: str | None = None, *, flag: str | None = None, run_setting: bool = False, **argparse):
     """A TrainConfig field. With `help` it is a command-line flag (`flag`, default
     `--field-name`; `argparse` holds add_argument's type, choices, metavar, group and
@@ -46,6 +57,12 @@ class TrainConfig:
                               run_setting=True, type=positive_int)
     lr: float = setting(2e-3, "peak Adam learning rate (cosine decay to 0 over the run)", run_setting=True,
                         type=positive_float)
+    # The learning rate first rises linearly from 0 to lr over this many epochs (a fraction
+    # is fine), then the cosine runs over the rest (Keras' CosineDecay warm-up). 0: none.
+    warmup_epochs: float = setting(0.0, run_setting=True)
+    # Cross-entropy against labels smoothed towards uniform: (1 - this) on the label and
+    # this / 10 on every class (as Keras' label_smoothing). 0: the plain one-hot label.
+    label_smoothing: float = setting(0.0, run_setting=True)
     seed: int = setting(0, f"seed for weights, split, order and augmentation, {SEED_RANGE[0]} to {SEED_RANGE[1]}",
                         run_setting=True, type=int_in_range(*SEED_RANGE))
     # Keep an exponential moving average of the weights (Keras' Adam(use_ema=True)); the
@@ -63,6 +80,12 @@ class TrainConfig:
     # Batch size of validation and testing (and of --target-accuracy's check): no
     # gradients are kept, so larger batches than training's fit in memory.
     eval_batch_size: int = setting(1000, "batch size of validation and testing", type=positive_int)
+    # The name in RECIPES whose values this config took (train.py --recipe; flags given
+    # explicitly win over its values); recorded in run.json and the resume checkpoint.
+    recipe: str = setting("default", "a named set of settings over these defaults (RECIPES in model/config.py): "
+                                     + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in values.items()) or 'the defaults'}"
+                                                 for name, values in RECIPES.items()),
+                          run_setting=True, choices=tuple(RECIPES))
     # Lightning-style quick-check knobs.
     limit_train_batches: int | None = setting(None, "train on at most N batches per epoch", run_setting=True,
                                               type=positive_int, metavar="N", default_text="every batch")
@@ -100,6 +123,13 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_recipe(self, name: str, keep=()) -> "TrainConfig":
+        """This config with recipe `name`'s values, except the fields named in `keep`
+        (train.py: the flags given explicitly, which win over the recipe)."""
+        if name not in RECIPES:
+            raise ValueError(f"Unknown recipe. Received: recipe={name!r}; valid: {', '.join(RECIPES)}")
+        return self.replace(recipe=name, **{field: value for field, value in RECIPES[name].items() if field not in keep})
+
     def effective(self) -> "TrainConfig":
         """The config the run really uses once --dry-run has been applied."""
         if self.dry_run:
@@ -133,6 +163,9 @@ def flag_of(field: dataclasses.Field) -> str | None:
 # does): stored in the resume checkpoint, and refused on --resume when a flag asks for
 # another value.
 RUN_SETTINGS = {field.name: flag_of(field) for field in dataclasses.fields(TrainConfig) if field.metadata.get("run_setting")}
+# Run settings added after checkpoints were first written, with the value every run before
+# them had: a checkpoint that lacks one trained with that value.
+RUN_SETTINGS_ADDED = {"warmup_epochs": 0.0, "label_smoothing": 0.0, "recipe": "default"}
 
 # The model predict.py and export.py use unless told otherwise: what train.py writes by default.
 DEFAULT_MODEL = f"{TrainConfig.output_dir}/model.keras"

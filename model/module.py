@@ -18,18 +18,47 @@ from model.backend import BACKEND
 from model.cnn import build_cnn
 from model.config import STEPS, TrainConfig
 
+def sparse_crossentropy(labels, probabilities, label_smoothing: float = 0.0):
+    """Per-image cross-entropy of integer labels; with label_smoothing the target is
+    (1 - label_smoothing) on the label plus label_smoothing / 10 on every class (Keras'
+    categorical_crossentropy does the smoothing; its sparse form has none)."""
+    if not label_smoothing:
+        return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+    targets = ops.one_hot(ops.cast(ops.reshape(labels, (-1,)), "int32"), ops.shape(probabilities)[-1])
+    return keras.losses.categorical_crossentropy(targets, probabilities, label_smoothing=label_smoothing)
+
+
+@keras.saving.register_keras_serializable(package="mnist_cnn")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """SparseCategoricalCrossentropy with label smoothing (sparse_crossentropy)."""
+
+    def __init__(self, label_smoothing: float = 0.1, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        return sparse_crossentropy(y_true, y_pred, self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class CNNModule(keras.Model):
     def __init__(self, lr: float = TrainConfig.lr, decay_steps: int | None = None, pooling: str = TrainConfig.pooling,
-                 step: str = TrainConfig.step, ema_momentum: float | None = TrainConfig.ema_momentum, **kwargs):
+                 step: str = TrainConfig.step, ema_momentum: float | None = TrainConfig.ema_momentum,
+                 warmup_steps: int = 0, label_smoothing: float = TrainConfig.label_smoothing, **kwargs):
         """`decay_steps`: the updates over which the learning rate falls to 0 along a
         cosine; 0 keeps it constant; None: the whole run, which the Trainer sets when it
-        compiles the module (epochs times batches per epoch, after limit_train_batches)."""
+        compiles the module (epochs times batches per epoch, after limit_train_batches).
+        `warmup_steps`: the first of them, a linear rise from 0 to lr."""
         super().__init__(**kwargs)
         if step not in STEPS:
             raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
         self.lr = float(lr)
         self.decay_steps = None if decay_steps is None else int(decay_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.label_smoothing = float(label_smoothing)
         self.pooling = pooling
         self.step = step
         self.ema_momentum = ema_momentum
@@ -52,13 +81,17 @@ class CNNModule(keras.Model):
     # ------------------------------------------------------------------ optimizer
 
     def configure_optimizers(self) -> keras.optimizers.Optimizer:
-        """Adam; with decay_steps > 0 the learning rate follows a cosine from lr to 0. With
+        """Adam; with decay_steps > 0 the learning rate follows a cosine from lr to 0 over
+        that many steps, the first warmup_steps of them a linear rise from 0 to lr. With
         ema_momentum, Keras keeps an exponential moving average of the weights and puts it
         in place of the weights when fit() ends (the averaged net generalises better)."""
         if self.decay_steps is None:
             raise ValueError("decay_steps is None: the Trainer sets it from the run's length before compiling")
         learning_rate = self.lr
-        if self.decay_steps > 0:
+        if self.decay_steps > 0 and self.warmup_steps > 0:
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                0.0, max(self.decay_steps - self.warmup_steps, 1), warmup_target=self.lr, warmup_steps=self.warmup_steps)
+        elif self.decay_steps > 0:
             learning_rate = keras.optimizers.schedules.CosineDecay(self.lr, self.decay_steps)
         if self.ema_momentum is None:
             return keras.optimizers.Adam(learning_rate=learning_rate)
@@ -68,7 +101,8 @@ class CNNModule(keras.Model):
         """Compile with this module's optimizer, loss and accuracy metric."""
         self.compile(
             optimizer=self.configure_optimizers(),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
+            loss=(SmoothedSparseCrossentropy(self.label_smoothing) if self.label_smoothing
+                  else keras.losses.SparseCategoricalCrossentropy()),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
             jit_compile=jit_compile,
             steps_per_execution=steps_per_execution,
@@ -83,7 +117,7 @@ class CNNModule(keras.Model):
         images, labels = batch
         if probabilities is None:
             probabilities = self(images, training=stage == "train")
-        loss = ops.mean(keras.losses.sparse_categorical_crossentropy(labels, probabilities))
+        loss = ops.mean(sparse_crossentropy(labels, probabilities, self.label_smoothing))
         return loss, probabilities
 
     # Lightning's roles: what one step computes.
@@ -115,6 +149,8 @@ class CNNModule(keras.Model):
             "name": self.name,
             "lr": self.lr,
             "decay_steps": self.decay_steps,
+            "warmup_steps": self.warmup_steps,
+            "label_smoothing": self.label_smoothing,
             "pooling": self.pooling,
             "step": self.step,
             "ema_momentum": self.ema_momentum,

@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from model.config import RUN_SETTINGS, TrainConfig
+from model.config import RUN_SETTINGS, RUN_SETTINGS_ADDED, TrainConfig
 from model.runtime import UsageError
 
 
@@ -30,6 +30,7 @@ def resumed_config(config: TrainConfig, stored: dict, given: set | None = None) 
     """The config a --resume runs: the checkpoint's run settings, plus this invocation's
     choices that do not change the maths (output dir, data path, jit_compile). A setting in
     `given` (None: all) that differs from the checkpoint's is refused in one line."""
+    stored = {**RUN_SETTINGS_ADDED, **stored}
     missing = [name for name in RUN_SETTINGS if name not in stored]
     if missing:
         raise UsageError(f"the checkpoint's trainer state lacks the run settings {', '.join(missing)}; it cannot be "
@@ -108,7 +109,9 @@ def prepare_run(config: TrainConfig):
     datamodule = datamodule_from(config).setup()
     with engine.scope() if engine is not None else contextlib.nullcontext():
         # decay_steps left to the Trainer: the cosine spans the run it trains.
-        module = CNNModule(lr=config.lr, pooling=config.pooling, step=config.step, ema_momentum=config.ema_momentum)
+        module = CNNModule(lr=config.lr, warmup_steps=round(config.warmup_epochs * datamodule.steps_per_epoch),
+                           label_smoothing=config.label_smoothing, pooling=config.pooling, step=config.step,
+                           ema_momentum=config.ema_momentum)
         # Weights drawn with numpy: every backend starts from the same numbers for a seed.
         module.network.set_weights(seeded_weights(module.network, config.seed))
     jit_compile = "auto" if config.jit_compile is None else config.jit_compile
@@ -206,6 +209,7 @@ def train_in_directory(config: TrainConfig, output_dir: Path, log, resumed_from:
         "history": trainer.history,
         "test_accuracy": test["test_accuracy"],
         "test_loss": test["test_loss"],
+        "steps_per_epoch": datamodule.steps_per_epoch,
         "epoch_seconds": trainer.timer.epoch_seconds,
         "step_ms_median": trainer.timer.step_ms_median(),
         "wall_seconds": time.perf_counter() - started,

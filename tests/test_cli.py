@@ -45,6 +45,7 @@ def test_backend_not_installed_names_the_extra(tmp_path):
         (["--limit-train-batches", "0"], "--limit-train-batches: expected a positive integer"),
         (["--epohcs", "3"], "unrecognized arguments: --epohcs 3"),
         (["--step", "fast"], "--step: invalid choice: 'fast'"),
+        (["--recipe", "turbo"], "--recipe: invalid choice: 'turbo' (choose from 'default', 'fast')"),
     ],
 )
 def test_bad_flags_are_argparse_errors(args, fragment):
