@@ -39,13 +39,15 @@ def test_no_flags_give_the_default_config_and_every_flag_reaches_its_field():
             "--limit-train-batches", "9", "--dry-run", "--step", "native", "--pooling", "stock", "--data", "m.npz",
             "--output-dir", "out", "--resume", "--overwrite", "--target-accuracy", "0.9", "--accelerator", "cpu",
             "--devices", "2", "--num-nodes", "2", "--node-rank", "1", "--coordinator", "h:1",
-            "--collective-timeout", "5", NO_AUGMENT]
-    config = train.config_from(train.parse_args(argv))
+            "--collective-timeout", "5", NO_AUGMENT, "--recipe", "fast"]
+    # The recipe's values where no flag was given; the flags given win over it.
+    config = train.config_from(train.parse_args(argv), train.given_settings(argv))
     assert config == TrainConfig(
         epochs=3, batch_size=64, lr=0.01, seed=7, eval_batch_size=500, limit_train_batches=9, dry_run=True,
         step="native", pooling="stock", data="m.npz", output_dir="out", resume=True, overwrite=True,
         target_accuracy=0.9, accelerator="cpu", devices=2, num_nodes=2, node_rank=1, coordinator="h:1",
-        collective_timeout_s=5.0, shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0)
+        collective_timeout_s=5.0, shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0, recipe="fast",
+        warmup_epochs=0.3, label_smoothing=0.1, ema_momentum=None)
     # Every field with a help is a flag of train.py: the argv above names each one.
     flags = {field.name for field in dataclasses.fields(TrainConfig) if field.metadata.get("help")}
     assert {name for name in flags if getattr(config, name) == getattr(TrainConfig(), name)} == set()
@@ -54,14 +56,14 @@ def test_no_flags_give_the_default_config_and_every_flag_reaches_its_field():
 def test_a_new_setting_is_one_edit():
     @dataclass(frozen=True)
     class Extended(TrainConfig):
-        warmup_epochs: int = setting(2, "epochs of linear learning-rate warm-up", type=positive_int, metavar="N")
+        cooldown_epochs: int = setting(2, "epochs at the final learning rate", type=positive_int, metavar="N")
 
     parser = add_config_flags(argparse.ArgumentParser(), Extended)
-    assert parser.parse_args(["--warmup-epochs", "4"]).warmup_epochs == 4
-    assert parser.parse_args([]).warmup_epochs == 2
-    assert option_helps(parser)["--warmup-epochs"] == "epochs of linear learning-rate warm-up (default: 2)"
+    assert parser.parse_args(["--cooldown-epochs", "4"]).cooldown_epochs == 4
+    assert parser.parse_args([]).cooldown_epochs == 2
+    assert option_helps(parser)["--cooldown-epochs"] == "epochs at the final learning rate (default: 2)"
     with pytest.raises(SystemExit) as refused:
-        parser.parse_args(["--warmup-epochs", "0"])
+        parser.parse_args(["--cooldown-epochs", "0"])
     assert refused.value.code == 2
 
 
@@ -70,7 +72,8 @@ def test_run_settings_and_the_flags_that_set_them():
     assert RUN_SETTINGS == {
         "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "seed": "--seed", "ema_momentum": None,
         "validation_size": None, "shift_pixels": NO_AUGMENT, "rotation_degrees": NO_AUGMENT, "zoom": NO_AUGMENT,
-        "limit_train_batches": "--limit-train-batches", "step": "--step", "pooling": "--pooling"}
+        "limit_train_batches": "--limit-train-batches", "step": "--step", "pooling": "--pooling",
+        "warmup_epochs": None, "label_smoothing": None, "recipe": "--recipe"}
     assert train.given_settings(["--lr", "0.1", NO_AUGMENT]) == {"lr", "shift_pixels", "rotation_degrees", "zoom"}
 
 

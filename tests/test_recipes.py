@@ -42,7 +42,7 @@ def rates(optimizer):
 # The loss a module with label smoothing trains with, on two known images.
 probabilities = np.array([[0.7, 0.2, 0.1] + [0.0] * 7, [0.1] * 10], "float32")
 labels = np.array([0, 3], "int32")
-module = CNNModule(label_smoothing=0.1).configure()
+module = CNNModule(label_smoothing=0.1, decay_steps=0).configure()
 smoothed = module.compute_loss(y=labels, y_pred=probabilities)
 print(json.dumps({"warm": rates(CNNModule(lr=1e-3, decay_steps=100, warmup_steps=10).configure_optimizers()),
                   "plain": rates(CNNModule(lr=1e-3, decay_steps=100).configure_optimizers()),
