@@ -31,7 +31,7 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     return add_config_flags(parser, TrainConfig)
 
 
-def config_from(args: argparse.Namespace, given: set[str] = frozenset()) -> TrainConfig:
+def config_from(args: argparse.Namespace, given: set[str]) -> TrainConfig:
     """The TrainConfig the parsed flags ask for: --recipe's values, then the flags in
     `given` (those set on the command line) over them."""
     names = {field.name for field in dataclasses.fields(TrainConfig)}

@@ -32,7 +32,7 @@ def sparse_crossentropy(labels, probabilities, label_smoothing: float = 0.0):
 class SmoothedSparseCrossentropy(keras.losses.Loss):
     """SparseCategoricalCrossentropy with label smoothing (sparse_crossentropy)."""
 
-    def __init__(self, label_smoothing: float = 0.1, name: str = "smoothed_sparse_crossentropy", **kwargs):
+    def __init__(self, label_smoothing: float, name: str = "smoothed_sparse_crossentropy", **kwargs):
         super().__init__(name=name, **kwargs)
         self.label_smoothing = float(label_smoothing)
 

@@ -469,14 +469,20 @@ def xla_choice(workdir: Path) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("processor\t: 0\n" + line)
         found[isa] = tensorflow_backend._cpu_has_avx512(str(path))
-    original = tensorflow_backend._cpu_has_avx512
+    tf = tensorflow_backend.tf
+    original_cpu, original_devices = tensorflow_backend._cpu_has_avx512, tf.config.list_physical_devices
     chosen = {}
     try:
+        # A CPU-only process on either kind of CPU (whatever this machine has)...
+        tf.config.list_physical_devices = lambda kind=None: []
         for isa in flags:
             tensorflow_backend._cpu_has_avx512 = lambda isa=isa: isa == "avx512"
             chosen[isa] = tensorflow_backend.default_jit_compile()
+        # ...and one that sees a GPU, on an AVX-512 host: GPUs keep XLA.
+        tf.config.list_physical_devices = lambda kind=None: ["/physical_device:GPU:0"] if kind == "GPU" else []
+        chosen["gpu_on_avx512"] = tensorflow_backend.default_jit_compile()
     finally:
-        tensorflow_backend._cpu_has_avx512 = original
+        tensorflow_backend._cpu_has_avx512, tf.config.list_physical_devices = original_cpu, original_devices
     return {"applies": True, "has_avx512": found, "jit_compile": chosen,
             "deterministic": tensorflow_backend.default_jit_compile(deterministic=True),
             "missing_file": tensorflow_backend._cpu_has_avx512(str(workdir / "absent"))}

@@ -150,7 +150,7 @@ def test_tensorflow_uses_xla_except_on_avx512_cpus(backend, backend_results):
     run = check_value(backend_results(backend), "xla_choice")
     assert run["applies"]
     assert run["has_avx512"] == {"avx512": True, "avx2": False} and run["missing_file"] is False
-    assert run["jit_compile"] == {"avx512": False, "avx2": True}
+    assert run["jit_compile"] == {"avx512": False, "avx2": True, "gpu_on_avx512": True}
     assert run["deterministic"] is False
 
 

@@ -34,7 +34,7 @@ def test_every_help_states_its_default_once():
 
 
 def test_no_flags_give_the_default_config_and_every_flag_reaches_its_field():
-    assert train.config_from(train.parse_args([])) == TrainConfig()
+    assert train.config_from(train.parse_args([]), train.given_settings([])) == TrainConfig()
     argv = ["--epochs", "3", "--batch-size", "64", "--lr", "0.01", "--seed", "7", "--eval-batch-size", "500",
             "--limit-train-batches", "9", "--dry-run", "--step", "native", "--pooling", "stock", "--data", "m.npz",
             "--output-dir", "out", "--resume", "--overwrite", "--target-accuracy", "0.9", "--accelerator", "cpu",

@@ -7,6 +7,7 @@ processes started together; the rest needs no framework."""
 from __future__ import annotations
 
 import json
+import zipfile
 import math
 
 import numpy as np
@@ -85,6 +86,12 @@ def test_a_recipes_values_reach_run_json_and_explicit_flags_win(recipe_runs):
 
     stored = read_trainer_state(output / "checkpoints" / "last.keras")["run"]
     assert stored["recipe"] == "fast" and stored["lr"] == EXPLICIT_LR
+    # And the module that trained got them: its warm-up counted in the limited epoch's
+    # steps (0.3 of 2 batches: 1 step), its loss smoothed (the module's saved config).
+    with zipfile.ZipFile(output / "checkpoints" / "last.keras") as archive:
+        module = json.loads(archive.read("config.json"))["config"]
+    assert module["warmup_steps"] == round(RECIPES["fast"]["warmup_epochs"] * 2) == 1
+    assert module["label_smoothing"] == RECIPES["fast"]["label_smoothing"]
 
 
 def test_warm_up_rises_linearly_then_the_cosine_runs_over_the_remaining_steps(recipe_runs):
@@ -111,8 +118,8 @@ def test_an_unknown_recipe_names_the_valid_ones():
 
 
 def test_explicit_settings_are_kept_over_the_recipes():
-    config = TrainConfig(lr=0.01).with_recipe("fast", keep={"lr"})
-    assert config.lr == 0.01 and config.epochs == RECIPES["fast"]["epochs"] and config.recipe == "fast"
+    config = TrainConfig(lr=EXPLICIT_LR).with_recipe("fast", keep={"lr"})
+    assert config.lr == EXPLICIT_LR != RECIPES["fast"]["lr"] and config.epochs == RECIPES["fast"]["epochs"] and config.recipe == "fast"
     assert TrainConfig().with_recipe("default") == TrainConfig()
 
 
