@@ -159,8 +159,13 @@ def test_quick_run_data_parallel_cells_train_on_two_devices(quick_run):
     assert len(rows) == len([b for b in BACKENDS if installed(b)]), lines[table:table + 8]
     note = next(line for line in lines[table:] if line.startswith("keras-fit through"))
     assert f"share the machine's {run['machine']['cores']} cores" in note and "engine's overhead, not a speed-up" in note
-    if installed("tensorflow"):  # MirroredStrategy's step is not XLA-compiled; the 1-device one is
-        assert "Compiled otherwise than its 1-device cell" in note and "tensorflow cpu on 2 devices" in note
+    # MirroredStrategy's step is never XLA-compiled; the 1-device one is where the CPU's
+    # choice (default_jit_compile: AVX2) is XLA. The note names a cell exactly when they differ.
+    one_device = {c["backend"]: c for c in run["cells"]
+                  if c["device_count"] == 1 and c["device"] == "cpu" and c["path"] == "keras-fit"}
+    for backend, cell in cells.items():
+        differs = {r.get("jit_compile") for r in cell["rounds"]} != {r.get("jit_compile") for r in one_device[backend]["rounds"]}
+        assert (f"{backend} cpu on 2 devices" in note) == differs, (backend, note)
 
 
 @pytest.mark.slow
@@ -511,6 +516,10 @@ def test_data_parallel_cell_is_paired_with_its_one_device_cell_and_tabled():
     cells = synthetic_matrix() + [training_row("jax", "keras-fit", drifting(27.5, DRIFT), device_count=2),
                                   training_row("torch", "keras-fit", [30.0] * 5, device_count=2)]
     del cells[2]  # torch's 1-device keras-fit: its 2-device cell has no anchor
+    for cell in cells:  # jax's 1-device step XLA-compiled, its 2-device one not: the note names it
+        if cell["backend"] == "jax" and cell["path"] == "keras-fit":
+            for result in cell["rounds"]:
+                result["jit_compile"] = cell.get("device_count", 1) == 1
     run = synthetic_run("cpu-test-2c-avx2", cells)
     rows = merge_cells([run])
     jax = next(r for r in rows if r["backend"] == "jax" and r["device_count"] == 2)
@@ -526,6 +535,8 @@ def test_data_parallel_cell_is_paired_with_its_one_device_cell_and_tabled():
                                                                                          "4,655 [3,325–5,818] | 0.80× [0.80–0.80] |")
     assert lines[table + 5].startswith("| torch | cpu |") and lines[table + 5].endswith("| – | 4,267 [4,267–4,267] | – |")
     assert "share the machine's 2 cores" in lines[table + 7]
+    assert "Compiled otherwise than its 1-device cell" in lines[table + 7] and "jax cpu on 2 devices" in lines[table + 7]
+    assert "torch cpu on 2 devices" not in lines[table + 7]
     assert sum("keras-fit on 2 devices" in line for line in lines) == 2  # in the details table
     # Without a 2-device cell the report has no such section.
     assert "## More than one device" not in markdown_report([run], merge_cells([synthetic_run("x", synthetic_matrix())]))
