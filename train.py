@@ -69,7 +69,8 @@ def resume_command(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = config_from(args, given_settings(argv))
+    given = given_settings(argv)
+    config = config_from(args, given)
     try:
         backend = select_backend(args.backend)
         # Hook (model/devices.py): refuse what cannot run, and set what the framework
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     def train() -> int:
         from model.training import train_and_evaluate
 
-        result = train_and_evaluate(config, given=given_settings(argv), launch=launch if config.world_size > 1 else None)
+        result = train_and_evaluate(config, given=given, launch=launch if config.world_size > 1 else None)
         return result if isinstance(result, int) else 0  # an exit code from the launcher, or run.json's contents
 
     return report_errors(train, args)
@@ -101,8 +102,6 @@ def main(argv=None) -> int:
 def run_rank(local_rank: int, config: TrainConfig, resumed_from, args) -> int:
     """One data-parallel worker (of several under torch): trains in the output dir the
     launcher locked; the exit code, with known failures turned into one line."""
-    from pathlib import Path
-
     from model.training import train_in_directory
 
     def train() -> int:

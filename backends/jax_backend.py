@@ -82,7 +82,6 @@ def max_pool(inputs, pool_size: int):
     return functools.reduce(jnp.maximum, tiles)
 
 
-
 # ---------------------------------------------------------------------- forward pass
 
 

@@ -117,12 +117,11 @@ def report(paths: list[Path]) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=list(BACKENDS), help="backends to run")
-    parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="seeds to run")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=list(BACKENDS), help=f"backends to run (default: {','.join(BACKENDS)})")
+    parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="seeds to run (default: 0,1,2)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), default=TrainConfig.recipe,
-                        help="train.py --recipe: the named settings to run (model/config.py RECIPES)")
+                        help=f"train.py --recipe: the named settings to run (model/config.py RECIPES; default: {TrainConfig.recipe})")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="override the recipe's epochs (default: the recipe's own)")
     parser.add_argument("--output-dir", type=Path, default=None,

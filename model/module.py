@@ -18,6 +18,7 @@ from model.backend import BACKEND
 from model.cnn import build_cnn
 from model.config import STEPS, TrainConfig
 
+
 def sparse_crossentropy(labels, probabilities, label_smoothing: float = 0.0):
     """Per-image cross-entropy of integer labels; with label_smoothing the target is
     (1 - label_smoothing) on the label plus label_smoothing / 10 on every class (Keras'

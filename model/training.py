@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from model.config import RUN_SETTINGS, RUN_SETTINGS_ADDED, TrainConfig
+from model.config import NO_AUGMENT, RUN_SETTINGS, RUN_SETTINGS_ADDED, TrainConfig
 from model.runtime import UsageError
 
 
@@ -39,7 +39,7 @@ def resumed_config(config: TrainConfig, stored: dict, given: set | None = None) 
     for name, flag in RUN_SETTINGS.items():
         if (given is not None and name not in given) or getattr(config, name) == stored[name]:
             continue
-        if flag == "--no-augment":
+        if flag == NO_AUGMENT:
             text = "--no-augment (the checkpoint trained with augmentation)"
         elif flag is None:
             text = f"{name}={getattr(config, name)!r} (checkpoint: {stored[name]!r})"
