@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from model.arguments import add_config_flags
-from model.config import BACKENDS, NO_AUGMENT, RUN_SETTINGS, TrainConfig
+from model.config import AUGMENTATION_SETTINGS, BACKENDS, NO_AUGMENT, TrainConfig
 from model.runtime import UsageError, select_backend
 
 
@@ -37,7 +37,7 @@ def config_from(args: argparse.Namespace, given: set[str]) -> TrainConfig:
     names = {field.name for field in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{name: value for name, value in vars(args).items() if name in names})
     if args.no_augment:
-        config = config.replace(**{name: 0.0 for name, flag in RUN_SETTINGS.items() if flag == NO_AUGMENT})
+        config = config.replace(**dict.fromkeys(AUGMENTATION_SETTINGS, 0.0))
     return config.with_recipe(config.recipe, keep=given)
 
 
@@ -53,7 +53,7 @@ def given_settings(argv=None) -> set[str]:
     given = {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
     names = {name for name in given if name != "no_augment"}
     if "no_augment" in given:
-        names |= {name for name, flag in RUN_SETTINGS.items() if flag == NO_AUGMENT}
+        names |= set(AUGMENTATION_SETTINGS)
     return names
 
 

@@ -164,12 +164,18 @@ def add_framework_ratios(rows: list[dict]) -> list[dict]:
         if row is framework:
             row.update(ratio_to_framework=1.0, ratio_to_framework_ci95=[1.0, 1.0], ratio_significance="")
             continue
-        paired = _paired(row, framework, "step_ms_mean")
-        if paired:
-            ratio, ci, pairs = paired
-            row.update(ratio_to_framework=ratio, ratio_to_framework_ci95=ci, ratio_pairs=pairs,
-                       ratio_significance=significance_label(*(ci or (None, None))))
+        _set_paired_ratio(row, framework, "step_ms_mean", "ratio_to_framework", "ratio_pairs", "ratio_significance")
     return rows
+
+
+def _set_paired_ratio(row: dict, anchor: dict, figure: str, name: str, pairs_name: str, significance_name: str):
+    """row[name] (and name + "_ci95", pairs_name, significance_name): the paired per-round
+    ratio of `figure` between row and anchor (_paired); left as they are when none pair."""
+    paired = _paired(row, anchor, figure)
+    if paired:
+        ratio, ci, pairs = paired
+        row.update({name: ratio, f"{name}_ci95": ci, pairs_name: pairs,
+                    significance_name: significance_label(*(ci or (None, None)))})
 
 
 def add_device_ratios(rows: list[dict]) -> list[dict]:
@@ -186,11 +192,9 @@ def add_device_ratios(rows: list[dict]) -> list[dict]:
             continue
         row.update(speedup_over_one_device=None, speedup_over_one_device_ci95=None, speedup_significance=None)
         anchor = anchors.get(key(row))
-        paired = _paired(row, anchor, "images_per_s") if anchor is not None and row["status"] == "ok" else None
-        if paired:
-            ratio, ci, pairs = paired
-            row.update(speedup_over_one_device=ratio, speedup_over_one_device_ci95=ci, speedup_pairs=pairs,
-                       speedup_significance=significance_label(*(ci or (None, None))))
+        if anchor is not None and row["status"] == "ok":
+            _set_paired_ratio(row, anchor, "images_per_s", "speedup_over_one_device", "speedup_pairs",
+                              "speedup_significance")
     return rows
 
 

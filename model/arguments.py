@@ -55,6 +55,14 @@ def comma_list(kind=str, choices=None, positive: bool = False):
     return parse
 
 
+def flag_of(field) -> str | None:
+    """The command-line flag that sets the dataclass field `field` (None: no flag does):
+    its own `flag`, else `--field-name` when it has a help."""
+    if field.metadata.get("flag"):
+        return field.metadata["flag"]
+    return "--" + field.name.replace("_", "-") if field.metadata.get("help") else None
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_class) -> argparse.ArgumentParser:
     """One flag per field of the dataclass `config_class` that has a help in its metadata
     (model.config.setting): `--field-name` (or the field's own flag), its type or choices,
@@ -73,7 +81,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class) -> argparse.
         if group_name is not None and group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
         target = groups.get(group_name, parser)
-        flag = field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+        flag = flag_of(field)
         if field.type in (bool, "bool"):
             options["action"] = "store_true"
             shown = shown or ("on" if field.default else "off")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from model.arguments import accuracy_fraction, int_in_range, positive_float, positive_int
+from model.arguments import accuracy_fraction, flag_of, int_in_range, positive_float, positive_int
 
 BACKENDS = ("jax", "tensorflow", "torch")
 # Lightning's spelling (model/devices.py): "auto" takes GPUs when the framework sees any.
@@ -155,17 +155,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def flag_of(field: dataclasses.Field) -> str | None:
-    """The command-line flag that sets `field` (None: no flag does)."""
-    if field.metadata.get("flag"):
-        return field.metadata["flag"]
-    return "--" + field.name.replace("_", "-") if field.metadata.get("help") else None
-
-
 # The settings that define a run's maths, each with the flag that sets it (None: none
 # does): stored in the resume checkpoint, and refused on --resume when a flag asks for
 # another value.
 RUN_SETTINGS = {field.name: flag_of(field) for field in dataclasses.fields(TrainConfig) if field.metadata.get("run_setting")}
+# The augmentation settings --no-augment sets to 0 together.
+AUGMENTATION_SETTINGS = tuple(name for name, flag in RUN_SETTINGS.items() if flag == NO_AUGMENT)
 # Run settings added after checkpoints were first written, with the value every run before
 # them had: a checkpoint that lacks one trained with that value.
 RUN_SETTINGS_ADDED = {"warmup_epochs": 0.0, "label_smoothing": 0.0, "recipe": "default"}
