@@ -112,7 +112,7 @@ def test_fast_pooling_equals_stock_max_pooling(backend, backend_results):
         assert result["xla_gradient_max_relative_difference"] <= 1e-5
 
 
-@pytest.mark.only_backends("torch", reason="fuse_optimizer does nothing here (XLA fuses Keras' update), "
+@pytest.mark.only_backends("torch", reason="fuse_optimizer does nothing here (Keras' update runs inside the compiled step), "
                             "so Keras' weight average would be compared with itself")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_weight_average_equals_keras_own(backend, backend_results):
