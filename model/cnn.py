@@ -45,6 +45,12 @@ class TiledMaxPooling2D(keras.layers.Layer):
                 f"Received: input_shape={tuple(input_shape)}; use keras.layers.MaxPooling2D instead."
             )
 
+    @property
+    def exact_max_pool_size(self) -> int:
+        """What a backend may fuse with the layer before (backends/torch_backend.py
+        `forward`): a pxp/stride-p max pooling that drops no row or column."""
+        return self.pool_size
+
     def call(self, inputs):
         return BACKEND.max_pool(inputs, self.pool_size)
 
