@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import inspect
 import os
 import socket
 import sys
-import weakref
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+
+from backends import layers
 
 NAME = "torch"
 
@@ -109,85 +109,23 @@ def max_pool(inputs, pool_size: int):
 # ---------------------------------------------------------------------- forward pass
 
 
-_LAYER_CALLS = weakref.WeakKeyDictionary()
-
-
 def forward(network, images, training: bool = False):
-    """`network(images, training=training)`, computed by each layer's own `call` in turn.
-
-    Why: Keras' `Layer.__call__` wraps every call in Python (binding the call's signature,
-    name scopes, mask and autocast checks, the call context), which eager torch runs at every
-    step, where XLA and tf.function run it once, when tracing. A Sequential whose layers need
-    none of it (built, float32 throughout, no layer that makes a mask, adds losses or
-    regularizes its activity) gets the same torch ops in the same order, so the same numbers
-    (tested); any other network, and symbolic or non-float32 inputs, go through `network(...)`.
-
-    One pair of layers is computed together: a ReLU Conv2D followed by a max pooling over
-    exact tiles (`_conv_relu_pool`): the same forward values, gradients within float32
-    rounding (tested)."""
-    calls = _LAYER_CALLS.get(network)
-    if calls is None:
-        calls = _plain_layer_calls(network)
-        if network.built:  # layers are fixed once built
-            _LAYER_CALLS[network] = calls
-    if not calls or not isinstance(images, torch.Tensor) or images.dtype != torch.float32:
-        return network(images, training=training)
-    for call, takes_training in calls:
-        images = call(images, training=training) if takes_training else call(images)
-    return images
+    """`network(images, training=training)`, each layer's own `call` in turn and the ReLU
+    convolution with its pooling as one call (backends/layers.py): eager torch would run
+    Keras' `Layer.__call__` at every step. The same forward values, gradients within
+    float32 rounding (tested)."""
+    plain = isinstance(images, torch.Tensor) and images.dtype == torch.float32
+    return layers.forward(network, images, training, conv_relu_pool, plain)
 
 
-def _plain_layer_calls(network) -> list:
-    """[(layer.call, whether it takes `training`)] for a Sequential whose layers' __call__
-    adds nothing to their call; [] otherwise."""
-    import keras
-
-    if not isinstance(network, keras.Sequential) or not network.built:
-        return []
-    calls = []
-    for layer in network.layers:
-        plain = (layer.built and not layer.losses and layer.activity_regularizer is None
-                 and layer.dtype_policy.name == "float32"
-                 and type(layer).compute_mask is keras.layers.Layer.compute_mask
-                 and not isinstance(layer, keras.Model))
-        if not plain:
-            return []
-        calls.append((layer.call, "training" in inspect.signature(layer.call).parameters))
-    for index in range(len(calls) - 1):
-        pool_size = _exact_max_pool_size(network.layers[index + 1])
-        if pool_size and _plain_relu_conv(network.layers[index]):
-            calls[index : index + 2] = [(functools.partial(_conv_relu_pool, network.layers[index], pool_size), False)]
-            break
-    return calls
-
-
-def _plain_relu_conv(layer) -> bool:
-    """Whether `layer` is a biased 2-D ReLU convolution of NHWC inputs with unit strides
-    and dilation and no padding (what `_conv_relu_pool` computes)."""
-    import keras
-
-    return (type(layer) is keras.layers.Conv2D and layer.activation is keras.activations.relu and layer.use_bias
-            and layer.data_format == "channels_last" and layer.padding == "valid" and layer.groups == 1
-            and tuple(layer.strides) == (1, 1) and tuple(layer.dilation_rate) == (1, 1))
-
-
-def _exact_max_pool_size(layer) -> int | None:
-    """p when `layer` is a pxp/stride-p max pooling of NHWC inputs that drops nothing
-    (model.cnn.TiledMaxPooling2D says so with `exact_max_pool_size`), else None."""
-    return getattr(layer, "exact_max_pool_size", None)
-
-
-def _conv_relu_pool(conv, pool_size: int, inputs):
-    """max_pool(relu(conv(inputs) + bias)) of NHWC `inputs` as relu(max_pool(conv(inputs,
-    bias))): the bias added inside torch's convolution (Keras adds it in a pass of its own)
-    and the ReLU after the pooling, over a quarter of the values. The same values: the
-    convolution is Keras' own call (`keras.src.backend.torch.nn.conv`'s layouts), and max
-    commutes with ReLU, which never decreases; the bias gradient is summed inside the
-    convolution's backward, in another order (within float32 rounding). About 15% fewer
-    passes over the largest tensor of the step."""
+def conv_relu_pool(conv, pool_size: int, inputs):
+    """max_pool(relu(conv(inputs) + bias)) of NHWC `inputs`, computed as relu(max_pool(
+    conv(inputs, bias))): the bias added inside torch's convolution (Keras adds it in a
+    pass of its own over the step's largest tensor) and the ReLU after the pooling. The
+    convolution takes Keras' own layouts (`keras.src.backend.torch.nn.conv`); the bias
+    gradient is summed inside the convolution's backward, in another order."""
     from keras.src.backend.torch import nn as keras_nn
 
-    # Keras' layouts for a channels_last convolution on torch, as its own conv makes them.
     images = keras_nn._maybe_convert_to_channels_last(keras_nn._transpose_spatial_inputs(inputs))
     kernel = keras_nn._maybe_convert_to_channels_last(keras_nn._transpose_conv_kernel(conv.kernel.value))
     features = F.conv2d(images, kernel, conv.bias.value)

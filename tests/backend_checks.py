@@ -396,66 +396,79 @@ def fast_pooling(workdir: Path) -> dict:
 
 @check
 def layer_calls(workdir: Path) -> dict:
-    """torch: backends.torch_backend.forward (each layer's own call, without Keras'
-    Layer.__call__ around it) against calling the network, on a real training batch:
-    probabilities and gradients, how many Layer.__call__ ran, whether the convolution and
-    pooling were fused into one call, and a network that must go through Keras' __call__
-    (an activity regularizer adds its loss there)."""
+    """The backend's forward (backends/layers.py: each layer's own call, without Keras'
+    Layer.__call__ around it, the ReLU convolution and its pooling as one call) against
+    calling the network, on a real training batch: probabilities, the loss's gradients, how
+    many Layer.__call__ ran, how many calls were fused, and a network that must go through
+    Keras' __call__ (an activity regularizer adds its loss there). On TensorFlow also
+    compiled by XLA, as a jit_compile step runs it."""
     import functools
 
     import keras
     import numpy as np
 
-    from backends import backend_module
+    from backends import backend_module, layers
 
-    if keras.backend.backend() != "torch":
-        return {"applies": False}
     backend = backend_module()
     images, labels = (keras.ops.convert_to_tensor(part) for part in next(_datamodule().train_batches(0)))
     module = _module()
-    layer_call = keras.layers.Layer.__call__
+    fused_forward, layer_call = backend.forward, keras.layers.Layer.__call__
     counted = []
 
     def counting(self, *args, **kwargs):
         counted.append(self.name)
         return layer_call(self, *args, **kwargs)
 
-    def run(forward):
-        for variable in module.trainable_variables:
-            variable.value.grad = None
-        counted.clear()
-        keras.layers.Layer.__call__ = counting
-        try:
-            probabilities = forward(images)
-        finally:
-            keras.layers.Layer.__call__ = layer_call
-        calls = len(counted)
-        loss = module.training_step((images, labels), probabilities)[0]
-        loss.backward()
-        gradients = [keras.ops.convert_to_numpy(variable.value.grad) for variable in module.trainable_variables]
-        return keras.ops.convert_to_numpy(probabilities.detach()), gradients, calls
+    def network_forward(network, inputs, training=False):
+        return network(inputs, training=training)
 
-    stock = run(lambda x: module.network(x, training=True))
-    lean = run(lambda x: backend.forward(module.network, x, training=True))
+    def run(forward, compute):
+        counted.clear()
+        backend.forward, keras.layers.Layer.__call__ = forward, counting
+        try:
+            probabilities, gradients = compute()
+        finally:
+            backend.forward, keras.layers.Layer.__call__ = fused_forward, layer_call
+        # The network's and its layers' __call__ (the module's own, in the gradients' pass,
+        # is Keras' way into it).
+        inside = {module.network.name, *(layer.name for layer in module.network.layers)}
+        return (keras.ops.convert_to_numpy(probabilities), [keras.ops.convert_to_numpy(g) for g in gradients],
+                sum(name in inside for name in counted))
+
+    def eager():
+        return backend.forward(module.network, images), backend.loss_and_gradients(module, (images, labels))[1]
+
+    stock, fused = run(network_forward, eager), run(fused_forward, eager)
     regularized = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activity_regularizer="l2")])
     counted.clear()
     keras.layers.Layer.__call__ = counting
     try:
-        backend.forward(regularized, keras.ops.ones((2, 4)), training=True)
+        fused_forward(regularized, keras.ops.ones((2, 4)), training=True)
     finally:
         keras.layers.Layer.__call__ = layer_call
-    return {
-        "applies": True,
-        "forward_equal": bool(np.array_equal(stock[0], lean[0])),
-        # The fused convolution sums the bias gradient in another order.
-        "gradient_relative_differences": [float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(stock[1], lean[1])],
-        "fused_calls": sum(isinstance(call, functools.partial) and call.func is backend._conv_relu_pool
-                           for call, _ in backend._plain_layer_calls(module.network)),
+    result = {
+        "forward_equal": bool(np.array_equal(stock[0], fused[0])),
+        # The fused pair sums the bias gradient in another order.
+        "gradient_relative_differences": [float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(stock[1], fused[1])],
+        "fused_calls": sum(isinstance(call, functools.partial) and call.func is backend.conv_relu_pool
+                           for call, _ in layers.layer_calls(module.network, backend.conv_relu_pool)),
         "layer_calls_network": stock[2],
-        "layer_calls_forward": lean[2],
+        "layer_calls_forward": fused[2],
         "regularized_layer_calls": len(counted),
         "regularized_losses": len(regularized.losses),
     }
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        def compiled():
+            return tf.function(lambda: (backend.forward(module.network, images),
+                                        backend.loss_and_gradients(module, (images, labels))[1]), jit_compile=True)()
+
+        xla_stock, xla_fused = run(network_forward, compiled), run(fused_forward, compiled)
+        result.update(xla_forward_equal=bool(np.array_equal(xla_stock[0], xla_fused[0])),
+                      xla_gradient_relative_differences=[float(np.abs(a - b).max() / np.abs(a).max())
+                                                         for a, b in zip(xla_stock[1], xla_fused[1])])
+    return result
 
 
 @check

@@ -127,22 +127,23 @@ def test_fused_weight_average_equals_keras_own(backend, backend_results):
     assert run["max_weight_difference"] == 0.0
 
 
-@pytest.mark.only_backends("torch", reason="XLA and tf.function trace Keras' per-layer Python once; only eager "
-                            "torch runs it every step")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_without_layer_wrappers_equals_calling_the_network(backend, backend_results):
-    """backends/torch_backend.forward: the layers' own calls give the network's numbers
-    exactly, with no Layer.__call__ on the way, the convolution, ReLU and pooling in one
-    fused call (gradients within 1e-5); a network whose __call__ does something (an
-    activity regularizer's loss) is still called through Keras."""
+    """backends/layers.py forward: the layers' own calls, with the ReLU convolution and its
+    pooling fused into one, give the network's probabilities exactly and its gradients
+    within 1e-5 (TensorFlow: eagerly and compiled by XLA), with no Layer.__call__ on the way;
+    a network whose __call__ does something (an activity regularizer's loss) is still
+    called through Keras."""
     run = check_value(backend_results(backend), "layer_calls")
-    assert run["applies"]
-    assert run["fused_calls"] == 1, "the convolution and pooling were not fused (backends/torch_backend.py)"
+    assert run["fused_calls"] == 1, "the convolution and pooling were not fused (backends/layers.py)"
     assert run["forward_equal"], "forward's probabilities differ from network(...)'s"
     assert max(run["gradient_relative_differences"]) <= 1e-5, run["gradient_relative_differences"]
     assert run["layer_calls_network"] >= 5
     assert run["layer_calls_forward"] == 0
     assert run["regularized_layer_calls"] >= 1 and run["regularized_losses"] == 1
+    if backend == "tensorflow":
+        assert run["xla_forward_equal"], "forward's probabilities differ from network(...)'s under XLA"
+        assert max(run["xla_gradient_relative_differences"]) <= 1e-5, run["xla_gradient_relative_differences"]
 
 
 @pytest.mark.only_backends("tensorflow", reason="JAX always compiles with XLA and torch runs eagerly; only "

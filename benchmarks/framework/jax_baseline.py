@@ -50,7 +50,9 @@ def forward(params, images):
     x = jax.lax.conv_general_dilated(
         images, conv_kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-    x = max_pool(jax.nn.relu(x + conv_bias))
+    # ReLU after the pooling, over a quarter of the values: the same numbers (max commutes
+    # with ReLU), as the Keras path computes them (conv_relu_pool in backends/).
+    x = jax.nn.relu(max_pool(x + conv_bias))
     # NHWC flatten, the order of Keras' channels_last Flatten, so dense_kernel fits as is.
     x = x.reshape(x.shape[0], -1)
     x = jax.nn.relu(x @ dense_kernel + dense_bias)

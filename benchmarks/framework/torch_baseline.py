@@ -54,7 +54,7 @@ def forward(params, images):
     x = images.permute(0, 3, 1, 2).contiguous(memory_format=MEMORY_FORMAT)
     x = F.conv2d(x, conv_kernel.permute(3, 2, 0, 1), conv_bias)
     # ReLU after the pooling, over a quarter of the values: the same numbers (max commutes
-    # with ReLU), as the Keras path computes them (backends/torch_backend.py _conv_relu_pool).
+    # with ReLU), as the Keras path computes them (conv_relu_pool in backends/).
     x = F.relu(max_pool(x))
     # NHWC flatten, the order of Keras' channels_last Flatten, so dense_kernel fits as is;
     # with MEMORY_FORMAT channels_last the permute is a view and the reshape copies nothing.
