@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
 
-from benchmarks.cells import build_matrix, predict_cells, time_to_accuracy_cells  # noqa: E402
+from benchmarks.cells import Cell, build_matrix, predict_cells, time_to_accuracy_cells  # noqa: E402
 from benchmarks.measure import DATA_PARALLEL_PATH, DEVICES, PATHS, PREDICT, TIME_TO_ACCURACY  # noqa: E402
 from benchmarks.report import ResultsFileError, load_runs, write_report  # noqa: E402
 from benchmarks.suite import MODES, run_suite  # noqa: E402
@@ -114,7 +114,7 @@ def report(paths: list[str], output_dir: str | None) -> int:
     return 0
 
 
-def benchmark_cells(args: argparse.Namespace) -> list:
+def benchmark_cells(args: argparse.Namespace) -> list[Cell]:
     """The cells the flags ask for: training, then time to accuracy (one per backend and
     recipe; --recipes, else the mode's), then predict."""
     cells = (build_matrix(args.backends, args.devices, args.paths, args.batch_sizes, args.device_counts)

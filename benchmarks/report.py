@@ -101,7 +101,7 @@ def _order(cell: dict) -> tuple:
 def recipe_of(cell: dict) -> str | None:
     """The recipe a time-to-accuracy cell trained; files written before cells named one
     trained train.py's default. The other kinds have none."""
-    return cell.get("recipe") or TrainConfig.recipe if cell["path"] == TIME_TO_ACCURACY else None
+    return (cell.get("recipe") or TrainConfig.recipe) if cell["path"] == TIME_TO_ACCURACY else None
 
 
 def merge_cells(runs: list[dict]) -> list[dict]:

@@ -205,11 +205,15 @@ def test_quick_run_data_parallel_cells_train_on_two_devices(quick_run):
 def test_quick_run_time_to_accuracy_and_predict_cells(quick_run):
     _, _, run = quick_run
     target = run["settings"]["target_accuracy"]
+    assert run["settings"]["time_to_accuracy_recipes"] == ["default"]
     for cell in ok_cells(run, [TIME_TO_ACCURACY]):
         assert cell["target_accuracy"] == target < 0.99  # quick mode trains to a lower target
         assert cell["rounds_reached"] == 1, cell["rounds"]
         assert cell["test_accuracy"] >= target and cell["epochs_to_target"] >= 1
         (result,) = cell["rounds"]
+        # --quick times the default recipe alone, and the cell trained it (its config recorded).
+        assert cell["recipe"] == result["recipe"] == result["config"]["recipe"] == "default"
+        assert result["config"]["epochs"] == TrainConfig().epochs
         # The clock runs from the process's launch, the per-epoch checks left out.
         assert 0 < cell["seconds_to_target"] < result["process_wall_s"] - result["evaluation_s"] + 1
     predict = ok_cells(run, [PREDICT])
