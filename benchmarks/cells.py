@@ -39,11 +39,15 @@ class Cell:
     # Devices the cell trains on, data-parallel through the backend's engine (model/devices.py);
     # only keras-fit cells have more than one.
     device_count: int = 1
+    # The train.py recipe (model/config.py RECIPES) a time-to-accuracy cell trains; None
+    # for the other kinds, which time steps or inference, not a recipe.
+    recipe: str | None = None
 
     @property
     def label(self) -> str:
         devices = f" on {self.device_count} devices" if self.device_count > 1 else ""
-        return f"{self.backend} {self.device} {self.path} b{self.batch_size}{devices}"
+        recipe = f" ({self.recipe} recipe)" if self.recipe else ""
+        return f"{self.backend} {self.device} {self.path} b{self.batch_size}{devices}{recipe}"
 
 
 def build_matrix(backends=BACKENDS, devices=DEVICES, paths=PATHS, batch_sizes=(128,), device_counts=(1,)) -> list[Cell]:
@@ -55,8 +59,13 @@ def build_matrix(backends=BACKENDS, devices=DEVICES, paths=PATHS, batch_sizes=(1
             for count in device_counts if count == 1 or path == DATA_PARALLEL_PATH]
 
 
-def time_to_accuracy_cells(backends=BACKENDS, devices=DEVICES, batch_size: int = 128) -> list[Cell]:
-    return [Cell(backend, device, TIME_TO_ACCURACY, batch_size) for device in devices for backend in backends]
+def time_to_accuracy_cells(backends=BACKENDS, devices=DEVICES, batch_size: int = 128,
+                           recipes=(TrainConfig.recipe,)) -> list[Cell]:
+    """One cell per device, backend and recipe (a name in model/config.py RECIPES)."""
+    for name in recipes:
+        TrainConfig().with_recipe(name)  # an unknown name fails here, before any cell starts
+    return [Cell(backend, device, TIME_TO_ACCURACY, batch_size, recipe=recipe)
+            for device in devices for backend in backends for recipe in recipes]
 
 
 def predict_cells(backends=BACKENDS, devices=DEVICES, onnx: bool = True) -> list[Cell]:
@@ -87,9 +96,15 @@ def cell_environment(cell: Cell, base: dict | None = None) -> dict:
     return env
 
 
+def cell_identity(cell: Cell) -> dict:
+    """The fields that name a cell in a results file; `recipe` only where the cell has one."""
+    identity = {"backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
+                "device_count": cell.device_count}
+    return {**identity, "recipe": cell.recipe} if cell.recipe else identity
+
+
 def empty_result(cell: Cell, status: str, reason: str | None) -> dict:
-    return {"backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
-            "device_count": cell.device_count, "status": status, "reason": reason}
+    return {**cell_identity(cell), "status": status, "reason": reason}
 
 
 def load_average() -> float | None:
@@ -121,8 +136,7 @@ def run_cell(cell: Cell, spec: dict, timeout_s: float, show=lambda line: None, p
     """Run `cell` in its own process with `spec` (what to measure) and return its result
     for this round. A crash, a timeout or a missing framework becomes a result with status
     failed/skipped and a one-line reason; `show` gets the process's progress lines."""
-    spec = {**spec, "backend": cell.backend, "device": cell.device, "path": cell.path, "batch_size": cell.batch_size,
-            "device_count": cell.device_count, "launched_at": time.time()}
+    spec = {**spec, **cell_identity(cell), "launched_at": time.time()}
     with tempfile.TemporaryDirectory(prefix="benchmark-cell-") as folder:
         spec_path, result_path = Path(folder) / "spec.json", Path(folder) / "result.json"
         spec_path.write_text(json.dumps(spec))

@@ -5,6 +5,7 @@ time to a target accuracy, and inference; write a results JSON, a Markdown repor
     python benchmarks/compare.py --quick              # every cell once, short windows (under 3 minutes)
     python benchmarks/compare.py --rounds 3 --backends jax,torch --devices cpu
     python benchmarks/compare.py --kinds training --paths keras-fit --device-counts 1,2   # data parallel
+    python benchmarks/compare.py --kinds time-to-accuracy --recipes fast   # one recipe's time to 99%
     python benchmarks/compare.py --report a.json b.json   # report from saved results, rounds merged
 
 Every round runs each cell once, in a fresh process, in a new random order (--order-seed);
@@ -19,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
 
-from benchmarks.cells import build_matrix, predict_cells, time_to_accuracy_cells  # noqa: E402
+from benchmarks.cells import Cell, build_matrix, predict_cells, time_to_accuracy_cells  # noqa: E402
 from benchmarks.measure import DATA_PARALLEL_PATH, DEVICES, PATHS, PREDICT, TIME_TO_ACCURACY  # noqa: E402
 from benchmarks.report import ResultsFileError, load_runs, write_report  # noqa: E402
 from benchmarks.suite import MODES, run_suite  # noqa: E402
 from model.arguments import accuracy_fraction, comma_list, positive_float, positive_int  # noqa: E402
-from model.config import BACKENDS  # noqa: E402
+from model.config import BACKENDS, RECIPES  # noqa: E402
 from model.devices import nearest_multiples  # noqa: E402
 from model.runtime import UsageError  # noqa: E402
 
@@ -52,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"{MODES['quick']['target_accuracy']} with --quick)")
     parser.add_argument("--kinds", type=comma_list(choices=KINDS), default=list(KINDS), metavar="NAME[,NAME...]",
                         help=f"cell kinds (default: {','.join(KINDS)})")
+    parser.add_argument("--recipes", type=comma_list(choices=RECIPES), default=None, metavar="NAME[,NAME...]",
+                        help=f"train.py recipes (model/config.py RECIPES) the time-to-accuracy cells train, one cell "
+                             f"per backend and recipe (default: {','.join(MODES['full']['time_to_accuracy_recipes'])}, "
+                             f"{','.join(MODES['quick']['time_to_accuracy_recipes'])} with --quick)")
     parser.add_argument("--batch-sizes", type=comma_list(int, positive=True), default=[128], metavar="N[,N...]",
                         help="training batch sizes to sweep (default: 128)")
     parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=list(BACKENDS), metavar="NAME[,NAME...]",
@@ -77,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device-counts {','.join(map(str, args.device_counts))} with --paths {','.join(args.paths)} "
                      f"leaves no training cell: more than one device runs {DATA_PARALLEL_PATH} only; add it to --paths "
                      "or 1 to --device-counts")
+    if args.recipes and TIME_TO_ACCURACY not in args.kinds:
+        parser.error(f"--recipes {','.join(args.recipes)} names what the time-to-accuracy cells train, and --kinds "
+                     f"{','.join(args.kinds)} runs none; add {TIME_TO_ACCURACY} to --kinds or leave --recipes out")
     for count in args.device_counts:
         for batch_size in args.batch_sizes:
             if batch_size % count:
@@ -106,16 +114,24 @@ def report(paths: list[str], output_dir: str | None) -> int:
     return 0
 
 
+def benchmark_cells(args: argparse.Namespace) -> list[Cell]:
+    """The cells the flags ask for: training, then time to accuracy (one per backend and
+    recipe; --recipes, else the mode's), then predict."""
+    cells = (build_matrix(args.backends, args.devices, args.paths, args.batch_sizes, args.device_counts)
+             if "training" in args.kinds else [])
+    if TIME_TO_ACCURACY in args.kinds:
+        recipes = args.recipes or MODES["quick" if args.quick else "full"]["time_to_accuracy_recipes"]
+        cells += time_to_accuracy_cells(args.backends, args.devices, args.batch_sizes[0], recipes)
+    if PREDICT in args.kinds:
+        cells += predict_cells(args.backends, args.devices)
+    return cells
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         return report(args.report, args.output_dir)
-    cells = (build_matrix(args.backends, args.devices, args.paths, args.batch_sizes, args.device_counts)
-             if "training" in args.kinds else [])
-    if TIME_TO_ACCURACY in args.kinds:
-        cells += time_to_accuracy_cells(args.backends, args.devices, args.batch_sizes[0])
-    if PREDICT in args.kinds:
-        cells += predict_cells(args.backends, args.devices)
+    cells = benchmark_cells(args)
     mode = "quick" if args.quick else "full"
     try:
         _, table = run_suite(cells, mode, args.output_dir, rounds=args.rounds, order_seed=args.order_seed,

@@ -19,8 +19,8 @@ one, whose environment already holds N simulated CPU devices) runs the same wind
 each worker, rank 0 times it, and the devices really used are read back from inside
 (the engine's copies of the weights). It measures no floor: TensorFlow's logical
 devices must be made before its first op, which the floor would run.
-A time-to-accuracy cell trains train.py's default recipe until the test accuracy
-reaches the target; a predict cell times inference (benchmarks/inference.py).
+A time-to-accuracy cell trains one of train.py's recipes (spec["recipe"], a name in
+model/config.py RECIPES) until the test accuracy reaches the target; a predict cell times inference (benchmarks/inference.py).
 """
 
 from __future__ import annotations
@@ -236,6 +236,14 @@ def data_parallel_worker(local_rank: int, spec: dict, config, result_path: str) 
     return 0
 
 
+def time_to_accuracy_config(spec: dict):
+    """train.py --recipe spec["recipe"] --target-accuracy A, no checkpoints: the recipe's
+    values (epochs, lr, warm-up, label smoothing, weight average) over the defaults, applied
+    the one way, TrainConfig.with_recipe."""
+    return train_config(spec, "keras-fit", target_accuracy=spec["target_accuracy"],
+                        limit_train_batches=spec["limit_train_batches"]).with_recipe(spec["recipe"])
+
+
 def measure_time_to_accuracy(spec: dict) -> dict:
     """train.py's recipe (prepare_run, Trainer.fit) with --target-accuracy, no checkpoints:
     seconds from this process's launch until the first epoch end whose test accuracy
@@ -245,8 +253,7 @@ def measure_time_to_accuracy(spec: dict) -> dict:
     from model.target_accuracy import StopAtTargetAccuracy
     from model.training import prepare_run
 
-    config = train_config(spec, "keras-fit", target_accuracy=spec["target_accuracy"],
-                          limit_train_batches=spec["limit_train_batches"])
+    config = time_to_accuracy_config(spec)
     module, datamodule, trainer = prepare_run(config)
     if not spec["validate"]:
         datamodule.x_val, datamodule.y_val = datamodule.x_val[:0], datamodule.y_val[:0]
@@ -260,6 +267,9 @@ def measure_time_to_accuracy(spec: dict) -> dict:
     counted = records[: reached or len(records)]
     evaluation_s = sum(record["evaluation_s"] for record in counted[:-1])
     return {
+        "recipe": config.recipe,
+        # What the cell trained with (the recipe applied): its epochs, lr, warm-up, smoothing, EMA.
+        "config": config.to_dict(),
         "target_accuracy": spec["target_accuracy"],
         "reached_target": reached is not None,
         "seconds_to_target": counted[-1]["epoch_end"] - launched - evaluation_s if reached else None,

@@ -1,10 +1,11 @@
 """The report of one or more results files, drawn from the JSON alone, never typed by hand.
 
 `load_runs(paths)` reads and checks results files; `merge_cells(runs)` puts the rounds of
-the same cell (machine, backend, device, path, batch size, device count) from every file
-together and summarizes them again (benchmarks/summary.py); `markdown_report` writes a
-headline sentence, the headline table, the data-parallel table (when cells ran on more
-than one device), the inference table and the details; `draw_chart` the PNG.
+the same cell (machine, backend, device, path, batch size, device count, recipe) from
+every file together and summarizes them again (benchmarks/summary.py); `markdown_report`
+writes a headline sentence, the headline table, the data-parallel table (when cells ran
+on more than one device), the time-to-accuracy table (one row per backend and recipe),
+the inference table and the details; `draw_chart` the PNG.
 benchmarks/compare.py calls these after a run and again for `--report FILE...`.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.measure import DEVICES, KERAS_PATHS, ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY
 from benchmarks.summary import IDENTITY, summarize_cells
-from model.config import BACKENDS
+from model.config import BACKENDS, RECIPES, TrainConfig
 
 HEADLINE_PATH = "keras-fit"
 STOCK_PATH = "keras-fit-stock"
@@ -93,7 +94,14 @@ def _order(cell: dict) -> tuple:
     kinds = (*PATHS, TIME_TO_ACCURACY, PREDICT)
     return (position(kinds, cell["path"]) >= len(PATHS), cell["batch_size"] or 0, position(DEVICES, cell["device"]),
             position((*BACKENDS, ONNX_RUNTIME), cell["backend"]), position(kinds, cell["path"]),
-            cell.get("device_count", 1), cell.get("machine") or "")
+            cell.get("device_count", 1), position(list(RECIPES), cell.get("recipe")), cell.get("recipe") or "",
+            cell.get("machine") or "")
+
+
+def recipe_of(cell: dict) -> str | None:
+    """The recipe a time-to-accuracy cell trained; files written before cells named one
+    trained train.py's default. The other kinds have none."""
+    return (cell.get("recipe") or TrainConfig.recipe) if cell["path"] == TIME_TO_ACCURACY else None
 
 
 def merge_cells(runs: list[dict]) -> list[dict]:
@@ -104,7 +112,9 @@ def merge_cells(runs: list[dict]) -> list[dict]:
             # Files written before the device-count dimension hold 1-device cells only.
             row = {**cell, "machine": cell.get("machine") or run["machine"].get("slug"),
                    "device_count": cell.get("device_count", 1)}
-            key = tuple(row[field] for field in IDENTITY)
+            if recipe_of(cell):
+                row["recipe"] = recipe_of(cell)
+            key = tuple(row.get(field) for field in IDENTITY)
             rounds = [{**result, "source": run["source"]} for result in cell["rounds"]]
             if key in rows:
                 rows[key]["rounds"] += rounds
@@ -140,9 +150,9 @@ def _ratio(row: dict) -> str:
     return f"{text} {row['ratio_significance']}".strip()
 
 
-def _cell(rows, backend, device, path, machine=None, device_count=1) -> dict | None:
+def _cell(rows, backend, device, path, machine=None, device_count=1, recipe=None) -> dict | None:
     return next((r for r in rows if (r["backend"], r["device"], r["path"]) == (backend, device, path)
-                 and r.get("device_count", 1) == device_count and r["status"] == "ok"
+                 and r.get("device_count", 1) == device_count and r["status"] == "ok" and r.get("recipe") == recipe
                  and (machine is None or r.get("machine") == machine)), None)
 
 
@@ -190,18 +200,38 @@ def _table(columns: list[str], lines: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(str(value).replace("|", "\\|") for value in line) + " |" for line in lines]
 
 
-def _target_label(rows: list[dict]) -> str:
+def _target(rows: list[dict]) -> str:
     targets = {r.get("target_accuracy") for r in rows if r["path"] == TIME_TO_ACCURACY and r.get("target_accuracy")}
-    return f"time to {min(targets) * 100:g}%" if len(targets) == 1 else "time to target"
+    return f"{min(targets) * 100:g}%" if len(targets) == 1 else "target"
+
+
+def _target_label(rows: list[dict]) -> str:
+    return f"time to {_target(rows)}"
+
+
+def _recipes(rows: list[dict]) -> list[str]:
+    """The recipes of the time-to-accuracy cells that ran, in RECIPES' order."""
+    ran = {r["recipe"] for r in rows if r["path"] == TIME_TO_ACCURACY and r["status"] == "ok"}
+    return sorted(ran, key=lambda name: (list(RECIPES).index(name) if name in RECIPES else len(RECIPES), name))
+
+
+def _headline_recipe(rows: list[dict]) -> tuple[str | None, str]:
+    """The recipe whose time to the target the headline table shows (the default where it
+    ran), and that column's header, which names the recipe when another one ran too."""
+    recipes = _recipes(rows)
+    recipe = TrainConfig.recipe if TrainConfig.recipe in recipes or not recipes else recipes[0]
+    label = _target_label(rows)
+    return recipe, (label if recipes in ([], [TrainConfig.recipe]) else f"{label}, {recipe} recipe")
 
 
 def headline_table(rows: list[dict]) -> list[str]:
     """One row per backend and device (and machine, when the report merges several)."""
     machines = list(dict.fromkeys(r.get("machine") for r in rows))
+    recipe, target_header = _headline_recipe(rows)
     lines = []
     for machine, device, backend in ((m, d, b) for m in machines for d in DEVICES for b in BACKENDS):
         fit, framework = _cell(rows, backend, device, HEADLINE_PATH, machine), _cell(rows, backend, device, "framework", machine)
-        tta = _cell(rows, backend, device, TIME_TO_ACCURACY, machine)
+        tta = _cell(rows, backend, device, TIME_TO_ACCURACY, machine, recipe=recipe)
         if not (fit or framework or tta):
             continue
         seconds = "–"
@@ -214,7 +244,7 @@ def headline_table(rows: list[dict]) -> list[str]:
                       _interval(framework["step_ms_median"], framework.get("step_ms_ci95")) if framework else "–",
                       _ratio(fit) if fit else "–", floor, seconds])
     columns = [*(["machine"] if len(machines) > 1 else []), "backend", "device", "Keras fit ms/step [95% CI]",
-               "hand-written ms/step [95% CI]", "Keras overhead [95% CI]", "% of floor", _target_label(rows)]
+               "hand-written ms/step [95% CI]", "Keras overhead [95% CI]", "% of floor", target_header]
     return _table(columns, lines) if lines else ["No training cell ran."]
 
 
@@ -293,16 +323,28 @@ def details_table(rows: list[dict]) -> list[str]:
     return _table(columns, lines) if lines else []
 
 
-def time_to_accuracy_lines(rows: list[dict]) -> list[str]:
+def time_to_accuracy_table(rows: list[dict]) -> list[str]:
+    """One row per machine, backend, device and recipe; empty when no such cell ran."""
+    ran = [row for row in rows if row["path"] == TIME_TO_ACCURACY and row["status"] == "ok"]
+    if not ran:
+        return []
+    machines = list(dict.fromkeys(row.get("machine") for row in ran))
     lines = []
-    for row in rows:
-        if row["path"] == TIME_TO_ACCURACY and row["status"] == "ok":
-            reached = (f"{row['seconds_to_target']:.1f} s after {row['epochs_to_target']:g} epochs"
-                       if row.get("seconds_to_target") is not None else "not reached")
-            lines.append(f"- {row['backend']} {row['device']}: test accuracy {row['target_accuracy']} {reached} "
-                         f"({row['rounds_reached']} of {row['rounds_ok']} rounds; final {row['test_accuracy']:.4f}; "
-                         f"per-epoch checks took {row['evaluation_s']:.1f} s, left out)")
-    return lines
+    for row in ran:
+        seconds = (_interval(row["seconds_to_target"], row.get("seconds_to_target_ci95"), lambda v: f"{v:.1f}")
+                   if row.get("seconds_to_target") is not None else "not reached")
+        epochs = f"{row['epochs_to_target']:g}" if row.get("epochs_to_target") is not None else "–"
+        lines.append([*([row.get("machine")] if len(machines) > 1 else []), row["backend"], row["device"],
+                      row["recipe"], seconds, epochs, f"{row['rounds_reached']}/{row['rounds_ok']}",
+                      f"{row['test_accuracy']:.4f}", _number(row.get("evaluation_s"))])
+    target = _target(rows)
+    columns = [*(["machine"] if len(machines) > 1 else []), "backend", "device", "recipe",
+               f"seconds from process start to {target} [95% CI]", f"epochs to {target}", "rounds reached",
+               "final test accuracy", "per-epoch checks s (left out)"]
+    note = ("train.py's recipe (`--recipe NAME`, model/config.py RECIPES, applied by TrainConfig.with_recipe) trained "
+            "until the test accuracy checked at an epoch end first reached the target: wall seconds from the cell's "
+            "process start (interpreter, imports, data and compilation included), the per-epoch checks left out.")
+    return ["## Time to accuracy", "", *_table(columns, lines), "", note, ""]
 
 
 def skipped_lines(rows: list[dict]) -> list[str]:
@@ -345,12 +387,13 @@ LEGEND = (
 
 def markdown_report(runs: list[dict], rows: list[dict]) -> str:
     lines = ["# MNIST CNN: Keras paths vs hand-written loops, time to accuracy, inference", "",
-             headline_sentence(rows), "", *headline_table(rows), "", *devices_table(rows, runs), "## Inference", "",
+             headline_sentence(rows), "", *headline_table(rows), "", *devices_table(rows, runs),
+             *time_to_accuracy_table(rows), "## Inference", "",
              *inference_table(rows), "",
              "## Details", ""]
     for run in runs:
         lines += run_description(run)
-    lines += ["", *details_table(rows), "", *time_to_accuracy_lines(rows)]
+    lines += ["", *details_table(rows)]
     skipped = skipped_lines(rows)
     if skipped:
         lines += ["", "Not run, or failed:", *skipped]

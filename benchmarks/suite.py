@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.cells import REPO, Cell, cell_environment, empty_result
+from benchmarks.cells import REPO, Cell, cell_environment, cell_identity, empty_result
 from benchmarks.initial_weights import CNN_WEIGHT_SHAPES
 from benchmarks.machine import commit_info, describe_machine, package_versions, steal_counters, steal_pct
 from benchmarks.measure import ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY, no_gpu_reason
@@ -31,23 +31,26 @@ from benchmarks.summary import summarize_cells
 from model.config import TrainConfig
 
 # full: 5 rounds; per training cell 10 warm-up steps then a 60-step window; time to 99%
-# test accuracy on train.py's default recipe, once per backend; predict cells 200 calls at
-# batch 1 and 20 at batch 1024, every round. quick: a check that every cell works, not a
-# measurement, in under 3 minutes on 2 cores (each cell's process start, imports and
-# compilation take most of its 5-15 s): the same cells once, short windows, a light floor
-# (model-shape sgemm, 64 MB triad), time to 50% test accuracy on the first 2,000 test
-# images with 50 batches per epoch; --rounds R repeats keras-fit and its baseline R times
-# (the other cells run once). Time-to-accuracy cells skip Keras' validation pass:
-# evaluation is left out of the time (as DAWNBench does); the per-epoch test check is
-# timed apart. A keras-fit cell on N > 1 devices runs as many rounds as the other paths.
+# test accuracy on train.py's default and fast recipes (model/config.py RECIPES), once per
+# backend and recipe; predict cells 200 calls at batch 1 and 20 at batch 1024, every
+# round. quick: a check that every cell works, not a measurement, in under 3 minutes on
+# 2 cores (each cell's process start, imports and compilation take most of its 5-15 s):
+# the same cells once, short windows, a light floor (model-shape sgemm, 64 MB triad),
+# time to 50% test accuracy (default recipe only) on the first 2,000 test images with 50
+# batches per epoch; --rounds R repeats keras-fit and its baseline R times (the other
+# cells run once). Time-to-accuracy cells skip Keras' validation pass: evaluation is left
+# out of the time (as DAWNBench does); the per-epoch test check is timed apart. A
+# keras-fit cell on N > 1 devices runs as many rounds as the other paths.
 MODES = {
     "full": {"rounds": 5, "warmup_steps": 10, "window_steps": 60, "time_to_accuracy_rounds": 1, "predict_rounds": None,
+             "time_to_accuracy_recipes": ["default", "fast"],
              "other_path_rounds": None,
              "target_accuracy": 0.99, "limit_train_batches": None, "test_images": None, "validate": False,
              "predict_warmup": {"1": 20, "1024": 3}, "predict_calls": {"1": 200, "1024": 20},
              "floor": {"min_seconds": 0.3, "triad_megabytes": 512, "large_sgemm": True},
              "whole_epoch_data": True, "timeout_s": 300, "time_to_accuracy_timeout_s": 1800},
     "quick": {"rounds": 1, "warmup_steps": 3, "window_steps": 10, "time_to_accuracy_rounds": 1, "predict_rounds": 1,
+              "time_to_accuracy_recipes": ["default"],
               "other_path_rounds": 1,
               "target_accuracy": 0.5, "limit_train_batches": 50, "test_images": 2000, "validate": False,
               "predict_warmup": {"1": 3, "1024": 1}, "predict_calls": {"1": 20, "1024": 2},
@@ -72,6 +75,7 @@ def run_settings(mode: str, cells: list[Cell], overrides: dict) -> dict:
         devices=list(dict.fromkeys(cell.device for cell in cells)),
         device_counts=sorted({cell.device_count for cell in cells if cell.path in PATHS}),
         paths=list(dict.fromkeys(cell.path for cell in cells)),
+        time_to_accuracy_recipes=list(dict.fromkeys(cell.recipe for cell in cells if cell.path == TIME_TO_ACCURACY)),
         train_config={key: value for key, value in defaults.to_dict().items()
                       if key not in ("batch_size", "limit_train_batches", "dry_run", "output_dir", "resume")},
         step_timing="one window of warmup_steps + window_steps full batches inside one prepared epoch; "
@@ -213,8 +217,7 @@ def run_suite(cells: list[Cell], mode: str = "full", output_dir: str | Path | No
         for result in rounds:
             if cell.path in PATHS:
                 result["flops_per_image"] = prepared["flops_per_image"]
-        rows.append({"machine": machine["slug"], "backend": cell.backend, "device": cell.device, "path": cell.path,
-                     "batch_size": cell.batch_size, "device_count": cell.device_count, "rounds": rounds})
+        rows.append({"machine": machine["slug"], **cell_identity(cell), "rounds": rounds})
     run = {"benchmark": "mnist-cnn-backends", "edition": 2, "machine": machine, "commit": commit,
            "datetime": when.isoformat(timespec="seconds").replace("+00:00", "Z"), "versions": versions,
            "settings": settings, "cells": rows}

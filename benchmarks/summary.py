@@ -1,14 +1,14 @@
 """A cell's row in a results file, from its rounds (benchmarks/confidence.py).
 
 `summarize_cells(rows)` takes rows holding their identity (machine, backend, device,
-path, batch_size, device_count) and `rounds` (one result per round, as benchmarks/measure.py wrote
-it, each tagged with `round` and `source`) and sets every summary figure from the ok
-rounds alone, so a report rebuilt from one file, or from several merged, recomputes
-them the same way. Per training cell: the median across rounds of the window's mean step
-time with its 95% bootstrap CI, and the Keras-over-framework ratio computed per round
-from the pair that ran in the same block of the same round, then its median and CI; for
-keras-fit on N > 1 devices (device_count), its images/s over the 1-device keras-fit's,
-paired the same way.
+path, batch_size, device_count; a time-to-accuracy cell's recipe) and `rounds` (one
+result per round, as benchmarks/measure.py wrote it, each tagged with `round` and
+`source`) and sets every summary figure from the ok rounds alone, so a report rebuilt
+from one file, or from several merged, recomputes them the same way. Per training cell:
+the median across rounds of the window's mean step time with its 95% bootstrap CI, and
+the Keras-over-framework ratio computed per round from the pair that ran in the same
+block of the same round, then its median and CI; for keras-fit on N > 1 devices
+(device_count), its images/s over the 1-device keras-fit's, paired the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from benchmarks.confidence import median_ci, paired_ratio_ci, significance_label
 
 # A cell whose floor before and after its window differ by more than this ran on a drifting host.
 FLOOR_DRIFT_LIMIT = 0.05
-IDENTITY = ("machine", "backend", "device", "path", "batch_size", "device_count")
+# recipe: what a time-to-accuracy cell trains (model/config.py RECIPES); the other kinds have none.
+IDENTITY = ("machine", "backend", "device", "path", "batch_size", "device_count", "recipe")
 
 
 def _number(value) -> bool:

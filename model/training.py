@@ -119,7 +119,9 @@ def prepare_run(config: TrainConfig):
     trainer = Trainer(max_epochs=config.epochs, eval_batch_size=config.eval_batch_size, jit_compile=jit_compile,
                       checkpoint_dir=checkpoint_dir, run_settings=run_settings(config), engine=engine)
     if config.target_accuracy is not None:
+        # Every rank checks and stops at the same epoch (they hold the same weights); rank 0 alone says so.
         trainer.callbacks.append(StopAtTargetAccuracy(datamodule.x_test, datamodule.y_test, config.target_accuracy,
+                                                      log=print if trainer.is_main else _silent,
                                                       batch_size=config.eval_batch_size))
     return module, datamodule, trainer
 

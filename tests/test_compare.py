@@ -22,6 +22,7 @@ from benchmarks.report import draw_chart, markdown_report, merge_cells
 from benchmarks.rounds import adjacent_to_anchor, adjacent_to_framework, round_order
 from benchmarks.suite import rounds_for
 from benchmarks.window import prepared_epoch, window_figures
+from model.config import RECIPES, TrainConfig
 from model.data import MNISTDataModule
 from tests.helpers import BACKENDS, REPO, installed, require_backend, run_python
 from tests.test_cli import assert_one_line_error
@@ -79,6 +80,38 @@ def test_rounds_per_cell():
         **{(path, 1): 1 for path in (*PATHS, PREDICT, TIME_TO_ACCURACY)}, ("keras-fit", 1): 3, ("framework", 1): 3,
         (DATA_PARALLEL_PATH, 2): 1}
     assert MODES["quick"]["rounds"] == 1
+
+
+def test_time_to_accuracy_cells_train_the_recipe_they_name():
+    """A full run times the default and the fast recipe; --quick the default alone; each
+    cell's process builds its config with the recipe applied (TrainConfig.with_recipe)."""
+    from benchmarks.cells import cell_identity
+    from benchmarks.compare import benchmark_cells, parse_args
+    from benchmarks.measure import time_to_accuracy_config
+    from benchmarks.suite import MODES, cell_spec
+
+    def recipes(argv):
+        return [(cell.backend, cell.recipe) for cell in benchmark_cells(parse_args(["--devices", "cpu", *argv]))
+                if cell.path == TIME_TO_ACCURACY]
+
+    assert recipes([]) == [(backend, recipe) for backend in BACKENDS for recipe in ("default", "fast")]
+    assert recipes(["--quick"]) == [(backend, "default") for backend in BACKENDS]
+    assert recipes(["--quick", "--recipes", "fast", "--backends", "torch"]) == [("torch", "fast")]
+    (cell,) = time_to_accuracy_cells(["jax"], ["cpu"], 128, ["fast"])
+    assert cell.label == "jax cpu time-to-accuracy b128 (fast recipe)"
+    for mode in ("full", "quick"):
+        # The spec run_cell writes: what the cell measures, then which cell it is.
+        spec = {**cell_spec(cell, MODES[mode], {}), **cell_identity(cell)}
+        config = time_to_accuracy_config(spec)
+        fast = TrainConfig().with_recipe("fast")
+        assert config.recipe == "fast" and config.target_accuracy == MODES[mode]["target_accuracy"]
+        for field in RECIPES["fast"]:
+            assert getattr(config, field) == getattr(fast, field) != getattr(TrainConfig(), field), field
+    (default,) = time_to_accuracy_cells(["jax"], ["cpu"], 128)
+    assert default.recipe == "default" and time_to_accuracy_config(
+        {**cell_spec(default, MODES["full"], {}), **cell_identity(default)}).epochs == TrainConfig().epochs
+    with pytest.raises(ValueError, match="recipe='turbo'"):
+        time_to_accuracy_cells(["jax"], ["cpu"], 128, ["turbo"])
 
 
 @pytest.mark.slow
@@ -172,11 +205,15 @@ def test_quick_run_data_parallel_cells_train_on_two_devices(quick_run):
 def test_quick_run_time_to_accuracy_and_predict_cells(quick_run):
     _, _, run = quick_run
     target = run["settings"]["target_accuracy"]
+    assert run["settings"]["time_to_accuracy_recipes"] == ["default"]
     for cell in ok_cells(run, [TIME_TO_ACCURACY]):
         assert cell["target_accuracy"] == target < 0.99  # quick mode trains to a lower target
         assert cell["rounds_reached"] == 1, cell["rounds"]
         assert cell["test_accuracy"] >= target and cell["epochs_to_target"] >= 1
         (result,) = cell["rounds"]
+        # --quick times the default recipe alone, and the cell trained it (its config recorded).
+        assert cell["recipe"] == result["recipe"] == result["config"]["recipe"] == "default"
+        assert result["config"]["epochs"] == TrainConfig().epochs
         # The clock runs from the process's launch, the per-epoch checks left out.
         assert 0 < cell["seconds_to_target"] < result["process_wall_s"] - result["evaluation_s"] + 1
     predict = ok_cells(run, [PREDICT])
@@ -281,10 +318,15 @@ def test_bad_batch_sizes_are_argparse_errors(value):
 
 
 @pytest.mark.parametrize("flag, value", [("--backends", "mxnet"), ("--devices", "tpu"), ("--paths", "fast"),
-                                         ("--timeout", "0")])
+                                         ("--timeout", "0"), ("--recipes", "default,turbo")])
 def test_bad_filters_are_argparse_errors(flag, value):
     result = run_python([COMPARE, flag, value], timeout=60)
     assert_one_line_error(result, 2, flag, value)
+
+
+def test_recipes_without_time_to_accuracy_cells_is_a_one_line_error():
+    result = run_python([COMPARE, "--kinds", "training", "--recipes", "fast"], timeout=60)
+    assert_one_line_error(result, 2, "--recipes fast", "--kinds training", "add time-to-accuracy to --kinds")
 
 
 def test_report_on_a_missing_file_names_it(tmp_path):
@@ -581,6 +623,42 @@ def test_report_headline_tables_and_collapsed_skips(tmp_path):
     assert skipped == ["- jax gpu (keras-fit, keras-fit-stock, native-step, framework): skipped: no GPU on this machine",
                        "- torch gpu (keras-fit, keras-fit-stock, native-step, framework): skipped: no GPU on this machine"]
     assert any("floor drifted 20%" in line for line in lines)
+
+
+def tta_row(backend, seconds, recipe=None, epochs=4):
+    """A time-to-accuracy cell of one round; without `recipe`, as files before recipes wrote it."""
+    row = {"backend": backend, "device": "cpu", "path": TIME_TO_ACCURACY, "batch_size": 128, "status": "ok",
+           "rounds": [{"status": "ok", "round": 0, "target_accuracy": 0.99, "test_accuracy": 0.9903,
+                       "reached_target": True, "seconds_to_target": seconds, "epochs_to_target": epochs,
+                       "evaluation_s": 2.0}]}
+    return {**row, "recipe": recipe} if recipe else row
+
+
+def test_report_has_a_time_to_accuracy_row_per_backend_and_recipe():
+    """The recipe named in every row; the headline keeps the default recipe's time and says
+    so once another recipe ran; a file without recipes (older) reads as the default's."""
+    new = synthetic_run("cpu-test-2c-avx2", synthetic_matrix() + [
+        tta_row("torch", 14.2, "fast", epochs=2), tta_row("jax", 75.0, "default"), tta_row("jax", 12.5, "fast", epochs=2)])
+    lines = markdown_report([new], merge_cells([new])).splitlines()
+    assert lines[4].endswith("| % of floor | time to 99%, default recipe |")
+    assert next(line for line in lines if line.startswith("| jax | cpu |")).endswith("| 75 s (4 epochs) |")
+    header = lines.index("## Time to accuracy") + 2
+    assert lines[header].startswith("| backend | device | recipe | seconds from process start to 99% [95% CI] |")
+    assert lines[header + 2:header + 6] == ["| jax | cpu | default | 75.0 | 4 | 1/1 | 0.9903 | 2.0 |",
+                                            "| jax | cpu | fast | 12.5 | 2 | 1/1 | 0.9903 | 2.0 |",
+                                            "| torch | cpu | fast | 14.2 | 2 | 1/1 | 0.9903 | 2.0 |", ""]
+    # An older file: its cells hold no recipe; they are the default's, and merge with a newer file's.
+    old = {**synthetic_run("cpu-test-2c-avx2", [tta_row("jax", 80.0)]), "source": "old.json"}
+    (row,) = merge_cells([old])
+    assert row["recipe"] == "default"
+    lines = markdown_report([old], [row]).splitlines()
+    assert lines[4].endswith("| time to 99% |") and "| jax | cpu | default | 80.0 | 4 | 1/1 | 0.9903 | 2.0 |" in lines
+    merged = {(r["backend"], r["recipe"]): r for r in merge_cells([old, new]) if r["path"] == TIME_TO_ACCURACY}
+    assert merged[("jax", "default")]["rounds_ok"] == 2 and merged[("jax", "fast")]["rounds_ok"] == 1
+    # A run of the fast recipe alone: the headline shows it, named.
+    fast = synthetic_run("fast", [*synthetic_matrix()[:2], tta_row("jax", 12.5, "fast", epochs=2)])
+    lines = markdown_report([fast], merge_cells([fast])).splitlines()
+    assert lines[4].endswith("| time to 99%, fast recipe |") and lines[6].endswith("| 12 s (2 epochs) |")
 
 
 def test_report_of_two_machines_keeps_them_apart():

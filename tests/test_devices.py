@@ -1,8 +1,9 @@
 """More than one device: `train.py --devices 2` on 2 simulated CPU devices per backend
 (JAX: JAX_NUM_CPU_DEVICES; TensorFlow: 2 logical CPUs; torch: 2 processes over Gloo).
 
-The 2-device run is `train.py --dry-run --devices 2` (5 steps of the global batch 128);
-the 1-device reference is the suite's shared `train.py --dry-run` (the dry_runs
+The 2-device run is `train.py --dry-run --devices 2 --target-accuracy 0.01` (5 steps of
+the global batch 128; the target, which any net reaches after its one epoch, only adds
+the check and its line); the 1-device reference is the suite's shared `train.py --dry-run` (the dry_runs
 fixture): the same seed, initial weights and batches.
 """
 
@@ -76,7 +77,8 @@ def two_device_runs(request, tmp_path_factory):
     def start(backend):
         workdir = tmp_path_factory.mktemp(f"two-devices-{backend}")
         output = workdir / "run"
-        command = ["train.py", "--dry-run", "--devices", "2", "--output-dir", output]
+        # --target-accuracy: its line must come from rank 0 alone (test_only_rank_zero_logs).
+        command = ["train.py", "--dry-run", "--devices", "2", "--target-accuracy", "0.01", "--output-dir", output]
         return StartedPython(command, backend, workdir / "logs", env=audited(workdir, output)), workdir
 
     def collect(backend, started):
@@ -135,8 +137,17 @@ def test_two_devices_run_through_the_framework_engine_and_replicas_stay_equal(ba
     assert len(run["replica_devices"]) == 2
     assert run["weight_copies"] == 2
     assert run["replica_max_weight_difference"] == 0.0
-    assert "data parallel: 2 replicas" in two["run"].stdout
-    assert two["run"].stdout.count("test accuracy") == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_rank_zero_logs(backend, two_device_runs):
+    """torch's two worker processes both train and check the target; one line each."""
+    two = two_device_runs(backend)
+    assert two["run"].returncode == 0, two["run"].stderr[-3000:]
+    stdout = two["run"].stdout
+    assert stdout.count("data parallel: 2 replicas") == 1
+    assert stdout.count("reached the target 0.01 after epoch 1") == 1, stdout
+    assert stdout.count("test accuracy") == 2, stdout  # the target's line and the run's last
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
