@@ -133,7 +133,8 @@ def run_framework_path(spec: dict, config, progress) -> dict:
     steps = spec["warmup_steps"] + spec["window_steps"]
     datamodule = datamodule_from(config, limit_train_batches=steps).setup()
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
-    optimizer = {"lr": config.lr, "decay_steps": steps, "ema_momentum": config.ema_momentum}
+    optimizer = {"lr": config.lr, "decay_steps": steps, "ema_momentum": config.ema_momentum,
+                 "label_smoothing": config.label_smoothing}
     baseline = load_baseline(spec["backend"]).build(seeded_cnn_weights(config.seed), **optimizer)
     progress(f"{spec['backend']} baseline: {steps} steps, data prepared in {data_s:.2f} s")
     step_ends = []

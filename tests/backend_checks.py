@@ -172,13 +172,14 @@ def _save_arrays(path: Path, arrays) -> str:
 
 
 @functools.cache
-def _twenty_steps(step: str, ema_momentum: float | None = None):
+def _twenty_steps(step: str, ema_momentum: float | None = None, label_smoothing: float = 0.0):
     """(trainer, trained module): 20 deterministic Adam steps (lr 1e-3) with `step` from the
     seed-0 weights on the first 20 batches. Cached: several checks compare against it."""
     from model.trainer import Trainer
 
     trainer = Trainer(max_epochs=1, limit_train_batches=20, deterministic=True, verbose=0)
-    return trainer, trainer.fit(_module(step=step, lr=1e-3, ema_momentum=ema_momentum), _datamodule())
+    module = _module(step=step, lr=1e-3, ema_momentum=ema_momentum, label_smoothing=label_smoothing)
+    return trainer, trainer.fit(module, _datamodule())
 
 
 @check
@@ -329,7 +330,16 @@ def framework_baseline(workdir: Path) -> dict:
     for images, labels in datamodule.train_batches(0):
         averaging.train_step(images, labels)
     _, averaged = _twenty_steps("keras", ema_momentum=0.9)
+    # The same with smoothed labels (the default recipe's loss).
+    smoothing = load_baseline(keras.backend.backend()).build(initial, lr=1e-3, label_smoothing=0.1)
+    for images, labels in datamodule.train_batches(0):
+        smoothing.train_step(images, labels)
+    _, smoothed = _twenty_steps("keras", label_smoothing=0.1)
     return {
+        "smoothing_max_weight_difference": max(
+            float(np.abs(a - b).max()) for a, b in zip(smoothing.get_weights(), _weights(smoothed))),
+        "smoothing_max_vs_unsmoothed": max(
+            float(np.abs(a - b).max()) for a, b in zip(_weights(smoothed), baseline_weights)),
         "ema_max_weight_difference": max(
             float(np.abs(a - b).max()) for a, b in zip(averaging.get_weights(), _weights(averaged))),
         # How far the average is from the plain weights the same 20 steps end with.

@@ -3,7 +3,7 @@ framework, with no Keras import, to measure what Keras' own step costs on top.
 
 Each baseline file mirrors the others: the same public names in the same order, the
 same section comments, so that diffing two of them shows only framework lines. Each
-exposes `build(weights, lr, decay_steps=0, ema_momentum=None) -> Baseline`, where
+exposes `build(weights, lr, decay_steps=0, ema_momentum=None, label_smoothing=0.0) -> Baseline`, where
 `weights` are in Keras' order and layout (`model.cnn.seeded_weights`): conv kernel (3,3,1,32) HWIO, conv bias
 (32,), dense kernel (5408,128), dense bias (128,), output kernel (128,10), output bias
 (10,). Images are float32 NHWC (N,28,28,1) in [0, 1], labels int32 (N,). With

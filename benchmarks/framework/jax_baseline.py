@@ -59,13 +59,17 @@ def forward(params, images):
     return x @ output_kernel + output_bias
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     """Mean sparse categorical cross-entropy, as Keras computes it on JAX: from the
     softmax probabilities, renormalised and clipped, so a saturated softmax gives a
     bounded loss and no gradient."""
     probabilities = jax.nn.softmax(logits)
     probabilities = probabilities / jnp.sum(probabilities, axis=-1, keepdims=True)
     probabilities = jnp.clip(probabilities, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
+    if label_smoothing:
+        # Keras' categorical form: (1 - s) on the label plus s / classes on every class.
+        targets = jax.nn.one_hot(labels, logits.shape[-1]) * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+        return -jnp.mean(jnp.sum(targets * jnp.log(probabilities), axis=-1))
     log_likelihood = jnp.take_along_axis(jnp.log(probabilities), labels[:, None].astype(jnp.int32), axis=-1)
     return -jnp.mean(log_likelihood)
 
@@ -79,12 +83,13 @@ def learning_rate(lr: float, decay_steps: int, iterations):
     return jnp.float32(lr) * (0.5 * (1.0 + jnp.cos(jnp.float32(np.pi) * fraction)))
 
 
-def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None):
+def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None,
+               label_smoothing: float = 0.0):
     """One Adam step; returns (loss, new state)."""
 
     # Forward pass
     def compute_loss(params):
-        return cross_entropy(forward(params, images), labels)
+        return cross_entropy(forward(params, images), labels, label_smoothing)
 
     # Compute gradients
     loss, gradients = jax.value_and_grad(compute_loss)(state.params)
@@ -109,10 +114,12 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, e
 
 
 class Baseline:
-    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None):
+    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None,
+                 label_smoothing: float = 0.0):
         self.state = state
         # Donated: the step's outputs reuse the buffers of the state it consumed.
-        self._step = jax.jit(functools.partial(train_step, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum),
+        self._step = jax.jit(functools.partial(train_step, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum,
+                             label_smoothing=label_smoothing),
                              donate_argnums=0)
         self._predict = jax.jit(lambda params, images: jax.nn.softmax(forward(params, images)))
 
@@ -151,10 +158,12 @@ class Baseline:
         return None if peak is None else peak / 2**20
 
 
-def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None) -> Baseline:
+def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None,
+          label_smoothing: float = 0.0) -> Baseline:
     """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
     learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0, and
-    a moving average of the weights with `ema_momentum`."""
+    a moving average of the weights with `ema_momentum`, and the cross-entropy against
+    labels smoothed by `label_smoothing` (model/module.py sparse_crossentropy)."""
     params = [jnp.asarray(w, dtype=jnp.float32) for w in weights]
     state = TrainState(
         params=params,
@@ -163,4 +172,4 @@ def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_moment
         iterations=jnp.zeros((), dtype=jnp.int32),
         averages=None if ema_momentum is None else [jnp.zeros_like(w) for w in params],
     )
-    return Baseline(state, lr, decay_steps, ema_momentum)
+    return Baseline(state, lr, decay_steps, ema_momentum, label_smoothing)

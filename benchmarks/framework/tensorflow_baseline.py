@@ -61,10 +61,14 @@ def forward(params, images):
     return tf.matmul(x, output_kernel) + output_bias
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     """Mean sparse categorical cross-entropy, as Keras computes it on TensorFlow: from
     the logits. Keras' softmax leaves them on its output (`_keras_logits`) and its TF
     loss uses them, so unlike on JAX and torch nothing is clipped."""
+    if label_smoothing:
+        # Keras' categorical form: (1 - s) on the label plus s / classes on every class.
+        targets = tf.one_hot(labels, logits.shape[-1]) * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits))
     labels = tf.cast(labels, tf.int64)
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
@@ -78,12 +82,13 @@ def learning_rate(lr: float, decay_steps: int, iterations):
     return lr * (0.5 * (1.0 + tf.cos(np.pi * fraction)))
 
 
-def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None):
+def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None,
+               label_smoothing: float = 0.0):
     """One Adam step; returns (loss, state), the state's variables updated in place."""
 
     # Forward pass
     with tf.GradientTape() as tape:
-        loss = cross_entropy(forward(state.params, images), labels)
+        loss = cross_entropy(forward(state.params, images), labels, label_smoothing)
 
     # Compute gradients
     gradients = tape.gradient(loss, state.params)
@@ -110,9 +115,11 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, e
 
 
 class Baseline:
-    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None):
+    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None,
+                 label_smoothing: float = 0.0):
         self.state = state
-        step = functools.partial(train_step, state, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum)
+        step = functools.partial(train_step, state, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum,
+                                 label_smoothing=label_smoothing)
         # A tf.function returns the values of variables, not the variables: keep the loss only.
         self._step = tf.function(lambda images, labels: step(images, labels)[0], jit_compile=JIT_COMPILE,
                                  reduce_retracing=True)
@@ -153,10 +160,12 @@ class Baseline:
         return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
 
 
-def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None) -> Baseline:
+def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None,
+          label_smoothing: float = 0.0) -> Baseline:
     """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
     learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0, and
-    a moving average of the weights with `ema_momentum`."""
+    a moving average of the weights with `ema_momentum`, and the cross-entropy against
+    labels smoothed by `label_smoothing` (model/module.py sparse_crossentropy)."""
     params = [tf.Variable(np.asarray(w, dtype=np.float32)) for w in weights]
     state = TrainState(
         params=params,
@@ -165,4 +174,4 @@ def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_moment
         iterations=tf.Variable(0, dtype=tf.int64),
         averages=None if ema_momentum is None else [tf.Variable(tf.zeros_like(w)) for w in params],
     )
-    return Baseline(state, lr, decay_steps, ema_momentum)
+    return Baseline(state, lr, decay_steps, ema_momentum, label_smoothing)

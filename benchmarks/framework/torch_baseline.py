@@ -63,13 +63,17 @@ def forward(params, images):
     return x @ output_kernel + output_bias
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
     """Mean sparse categorical cross-entropy, as Keras computes it on torch: from the
     softmax probabilities, renormalised and clipped, so a saturated softmax gives a
     bounded loss and no gradient."""
     probabilities = F.softmax(logits, dim=-1)
     probabilities = probabilities / torch.sum(probabilities, dim=-1, keepdim=True)
     probabilities = torch.clip(probabilities, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
+    if label_smoothing:
+        # Keras' categorical form: (1 - s) on the label plus s / classes on every class.
+        targets = F.one_hot(labels.long(), logits.shape[-1]) * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+        return -torch.mean(torch.sum(targets * torch.log(probabilities), dim=-1))
     return F.nll_loss(torch.log(probabilities), labels.long())
 
 
@@ -83,13 +87,14 @@ def learning_rate(lr: float, decay_steps: int, iterations: int):
     return np.float32(lr) * (np.float32(0.5) * (np.float32(1.0) + np.cos(np.float32(np.pi) * fraction)))
 
 
-def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None):
+def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, ema_momentum: float | None,
+               label_smoothing: float = 0.0):
     """One Adam step; returns (loss, state), the state's tensors updated in place."""
 
     # Forward pass
     for w in state.params:
         w.grad = None
-    loss = cross_entropy(forward(state.params, images), labels)
+    loss = cross_entropy(forward(state.params, images), labels, label_smoothing)
 
     # Compute gradients
     loss.backward()
@@ -119,10 +124,12 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, e
 
 
 class Baseline:
-    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None):
+    def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None,
+                 label_smoothing: float = 0.0):
         self.state = state
         # Eager: the step is the plain function.
-        self._step = functools.partial(train_step, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum)
+        self._step = functools.partial(train_step, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum,
+                                       label_smoothing=label_smoothing)
 
     def train_step(self, images, labels):
         """One Adam step on a batch; returns the loss, still on the device (no sync)."""
@@ -165,10 +172,12 @@ class Baseline:
         return torch.cuda.max_memory_allocated() / 2**20
 
 
-def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None) -> Baseline:
+def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None,
+          label_smoothing: float = 0.0) -> Baseline:
     """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
     learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0, and
-    a moving average of the weights with `ema_momentum`."""
+    a moving average of the weights with `ema_momentum`, and the cross-entropy against
+    labels smoothed by `label_smoothing` (model/module.py sparse_crossentropy)."""
     params = [torch.tensor(np.asarray(w, dtype=np.float32), device=DEVICE, requires_grad=True) for w in weights]
     state = TrainState(
         params=params,
@@ -177,4 +186,4 @@ def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_moment
         iterations=0,
         averages=None if ema_momentum is None else [torch.zeros_like(w, requires_grad=False) for w in params],
     )
-    return Baseline(state, lr, decay_steps, ema_momentum)
+    return Baseline(state, lr, decay_steps, ema_momentum, label_smoothing)
