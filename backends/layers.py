@@ -36,12 +36,15 @@ def layer_calls(network, conv_relu_pool) -> list:
     Conv2D followed by an exact-tiling max pool is one call, `conv_relu_pool(conv,
     pool_size, inputs)`; [] for a network that needs Keras' `__call__`: not a built
     Sequential, or a layer that is not float32, makes a mask, adds losses or regularizes
-    its activity. Cached per network once it is built (its layers are fixed then)."""
-    calls = _LAYER_CALLS.get(network)
-    if calls is None:
-        calls = _layer_calls(network, conv_relu_pool)
-        if network.built:
-            _LAYER_CALLS[network] = calls
+    its activity. Cached per built network and its layers (a layer added, removed or
+    changed, e.g. by enable_lora or quantize, makes the calls anew)."""
+    key = tuple((id(layer), layer.dtype_policy.name, getattr(layer, "lora_enabled", False)) for layer in network.layers)
+    cached = _LAYER_CALLS.get(network)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    calls = _layer_calls(network, conv_relu_pool)
+    if network.built:
+        _LAYER_CALLS[network] = (key, calls)
     return calls
 
 
@@ -73,6 +76,7 @@ def is_plain_relu_conv(layer) -> bool:
     import keras
 
     return (type(layer) is keras.layers.Conv2D and layer.activation is keras.activations.relu and layer.use_bias
+            and not layer.lora_enabled
             and layer.data_format == "channels_last" and layer.padding == "valid" and layer.groups == 1
             and tuple(layer.strides) == (1, 1) and tuple(layer.dilation_rate) == (1, 1))
 

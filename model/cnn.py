@@ -47,8 +47,8 @@ class TiledMaxPooling2D(keras.layers.Layer):
 
     @property
     def exact_max_pool_size(self) -> int:
-        """What a backend may fuse with the layer before (backends/torch_backend.py
-        `forward`): a pxp/stride-p max pooling that drops no row or column."""
+        """What a backend's forward may fuse with the ReLU convolution before it
+        (backends/layers.py): a pxp/stride-p max pooling that drops no row or column."""
         return self.pool_size
 
     def call(self, inputs):

@@ -410,8 +410,9 @@ def layer_calls(workdir: Path) -> dict:
     Layer.__call__ around it, the ReLU convolution and its pooling as one call) against
     calling the network, on a real training batch: probabilities, the loss's gradients, how
     many Layer.__call__ ran, how many calls were fused, and a network that must go through
-    Keras' __call__ (an activity regularizer adds its loss there). On TensorFlow also
-    compiled by XLA, as a jit_compile step runs it."""
+    Keras' __call__ (an activity regularizer adds its loss there), a float16 input (through
+    Keras too), and a LoRA convolution (never fused). On TensorFlow and JAX also compiled
+    by XLA, as a jit_compile step runs it."""
     import functools
 
     import keras
@@ -454,8 +455,23 @@ def layer_calls(workdir: Path) -> dict:
     keras.layers.Layer.__call__ = counting
     try:
         fused_forward(regularized, keras.ops.ones((2, 4)), training=True)
+        regularized_calls = len(counted)
+        # Not float32 (float16: JAX has no float64 by default): through Keras, which casts.
+        counted.clear()
+        half = fused_forward(module.network, keras.ops.cast(images, "float16"))
+        half_calls = len(counted)
     finally:
         keras.layers.Layer.__call__ = layer_call
+    half_expected = module.network(keras.ops.cast(images, "float16"))
+    # A LoRA convolution's kernel is computed, not a variable: never fused, and enabling LoRA
+    # on a network already run makes its calls anew.
+    from model.cnn import build_cnn
+
+    small = build_cnn()
+    before = layers.layer_calls(small, backend.conv_relu_pool)
+    small.get_layer("conv2d").enable_lora(2)
+    after = layers.layer_calls(small, backend.conv_relu_pool)
+    lora_forward = keras.ops.convert_to_numpy(fused_forward(small, images[:4]))
     result = {
         "forward_equal": bool(np.array_equal(stock[0], fused[0])),
         # The fused pair sums the bias gradient in another order.
@@ -464,8 +480,13 @@ def layer_calls(workdir: Path) -> dict:
                            for call, _ in layers.layer_calls(module.network, backend.conv_relu_pool)),
         "layer_calls_network": stock[2],
         "layer_calls_forward": fused[2],
-        "regularized_layer_calls": len(counted),
+        "regularized_layer_calls": regularized_calls,
         "regularized_losses": len(regularized.losses),
+        "float16_layer_calls": half_calls,
+        "float16_forward_equal": bool(np.array_equal(*map(keras.ops.convert_to_numpy, (half, half_expected)))),
+        "lora_calls_before_after": [len(before), len(after)],
+        "lora_fused_after": sum(isinstance(call, functools.partial) for call, _ in after),
+        "lora_forward_shape": list(lora_forward.shape),
     }
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -474,10 +495,19 @@ def layer_calls(workdir: Path) -> dict:
             return tf.function(lambda: (backend.forward(module.network, images),
                                         backend.loss_and_gradients(module, (images, labels))[1]), jit_compile=True)()
 
-        xla_stock, xla_fused = run(network_forward, compiled), run(fused_forward, compiled)
-        result.update(xla_forward_equal=bool(np.array_equal(xla_stock[0], xla_fused[0])),
-                      xla_gradient_relative_differences=[float(np.abs(a - b).max() / np.abs(a).max())
-                                                         for a, b in zip(xla_stock[1], xla_fused[1])])
+    elif keras.backend.backend() == "jax":
+        # Training runs the forward pass under jax.jit: compiled, as fit compiles it.
+        import jax
+
+        def compiled():
+            return jax.jit(lambda: (backend.forward(module.network, images),
+                                    backend.loss_and_gradients(module, (images, labels))[1]))()
+    else:
+        return result
+    xla_stock, xla_fused = run(network_forward, compiled), run(fused_forward, compiled)
+    result.update(xla_forward_equal=bool(np.array_equal(xla_stock[0], xla_fused[0])),
+                  xla_gradient_relative_differences=[float(np.abs(a - b).max() / np.abs(a).max())
+                                                     for a, b in zip(xla_stock[1], xla_fused[1])])
     return result
 
 

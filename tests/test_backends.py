@@ -131,9 +131,9 @@ def test_fused_weight_average_equals_keras_own(backend, backend_results):
 def test_forward_without_layer_wrappers_equals_calling_the_network(backend, backend_results):
     """backends/layers.py forward: the layers' own calls, with the ReLU convolution and its
     pooling fused into one, give the network's probabilities exactly and its gradients
-    within 1e-5 (TensorFlow: eagerly and compiled by XLA), with no Layer.__call__ on the way;
-    a network whose __call__ does something (an activity regularizer's loss) is still
-    called through Keras."""
+    within 1e-5 (TensorFlow and JAX: also compiled by XLA), with no Layer.__call__ on the
+    way; a network whose __call__ does something (an activity regularizer's loss) and a
+    float16 input still go through Keras, and a LoRA convolution is never fused."""
     run = check_value(backend_results(backend), "layer_calls")
     assert run["fused_calls"] == 1, "the convolution and pooling were not fused (backends/layers.py)"
     assert run["forward_equal"], "forward's probabilities differ from network(...)'s"
@@ -141,7 +141,10 @@ def test_forward_without_layer_wrappers_equals_calling_the_network(backend, back
     assert run["layer_calls_network"] >= 5
     assert run["layer_calls_forward"] == 0
     assert run["regularized_layer_calls"] >= 1 and run["regularized_losses"] == 1
-    if backend == "tensorflow":
+    assert run["float16_layer_calls"] >= 5 and run["float16_forward_equal"], "a float16 input skipped Keras' casting"
+    assert run["lora_calls_before_after"] == [4, 5] and run["lora_fused_after"] == 0
+    assert run["lora_forward_shape"] == [4, 10]
+    if backend in ("tensorflow", "jax"):
         assert run["xla_forward_equal"], "forward's probabilities differ from network(...)'s under XLA"
         assert max(run["xla_gradient_relative_differences"]) <= 1e-5, run["xla_gradient_relative_differences"]
 

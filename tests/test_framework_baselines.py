@@ -33,7 +33,7 @@ def test_baseline_matches_keras_over_twenty_adam_steps(backend, backend_results)
     print(f"{backend} with label smoothing: max abs difference {run['smoothing_max_weight_difference']:.3g} "
           f"(vs unsmoothed weights {run['smoothing_max_vs_unsmoothed']:.3g})")
     assert run["smoothing_max_vs_unsmoothed"] > 1e-3
-    assert run["smoothing_max_weight_difference"] <= 1e-3
+    assert run["smoothing_max_weight_difference"] <= 1e-4
 
 
 def test_unknown_backend_names_what_it_received_and_what_is_valid():
