@@ -115,16 +115,20 @@ def test_fast_pooling_equals_stock_max_pooling(backend, backend_results):
 @pytest.mark.only_backends("torch", reason="fuse_optimizer does nothing here (Keras' update runs inside the compiled step), "
                             "so Keras' weight average would be compared with itself")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_weight_average_equals_keras_own(backend, backend_results):
-    """backends/<backend>.fuse_optimizer: on torch the weight average runs as two _foreach
-    kernels; its values must be Keras' own, and Keras' torch Adam must stay in place."""
+def test_fused_adam_and_weight_average_equal_keras_own(backend, backend_results):
+    """backends/<backend>.fuse_optimizer: on torch Adam's update runs as torch's fused Adam
+    kernel and the weight average as two _foreach kernels; their values must be Keras' own
+    within float32 rounding (weights of magnitude up to ~4 moved by 0.3), and the optimizer
+    must stay Keras' torch Adam (nothing is saved differently)."""
     run = check_value(backend_results(backend), "moving_average")
     assert run["classes"][0] == run["classes"][1]
-    # Keras called the fused update once per step.
+    # Keras called each fused update once per step.
     assert run["fused_calls"] == 3
+    assert run["fused_adam_calls"] == 3
+    assert run["max_weight_change"] > 0.1
     assert run["max_average_vs_weights"] > 1e-2
-    assert run["max_average_difference"] <= 1e-6
-    assert run["max_weight_difference"] == 0.0
+    assert run["max_average_difference"] <= 1e-5
+    assert run["max_weight_difference"] <= 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
