@@ -32,13 +32,13 @@ DRY_RUN_BATCHES = 5
 # Named recipes (train.py --recipe NAME): each a set of TrainConfig values over its defaults.
 # "fast" trains 2 epochs (README: "Recipes"; its 3-seed runs are in benchmarks/results/):
 # batches of 96 at a 4x higher peak learning rate after a warm-up, so that the cosine
-# anneals a well-moved net in 1,146 steps; label smoothing (the default's); no weight
-# average (momentum 0.999 would still hold 32% of the first step's weights after 1,146
-# steps). What each lever did, and the 3-seed results: README, "Recipes".
+# anneals a well-moved net in 1,146 steps; the default's label smoothing (TrainConfig's,
+# so not repeated here); no weight average (momentum 0.999 would still hold 32% of the
+# first step's weights after 1,146 steps). What each lever did, and the 3-seed results:
+# README, "Recipes".
 RECIPES: dict[str, dict] = {
     "default": {},
-    "fast": {"epochs": 2, "batch_size": 96, "lr": 8e-3, "warmup_epochs": 0.3, "label_smoothing": 0.1,
-             "ema_momentum": None},
+    "fast": {"epochs": 2, "batch_size": 96, "lr": 8e-3, "warmup_epochs": 0.3, "ema_momentum": None},
 }
 
 

@@ -97,21 +97,27 @@ def test_time_to_accuracy_cells_train_the_recipe_they_name():
     assert recipes([]) == [(backend, recipe) for backend in BACKENDS for recipe in ("default", "fast")]
     assert recipes(["--quick"]) == [(backend, "default") for backend in BACKENDS]
     assert recipes(["--quick", "--recipes", "fast", "--backends", "torch"]) == [("torch", "fast")]
-    (cell,) = time_to_accuracy_cells(["jax"], ["cpu"], 128, ["fast"])
-    assert cell.label == "jax cpu time-to-accuracy b128 (fast recipe)"
+    # Whatever --batch-sizes says, each cell names (label, identity, results row) the batch
+    # size its recipe trains with.
+    assert {(cell.recipe, cell.batch_size) for cell in benchmark_cells(parse_args(["--batch-sizes", "64"]))
+            if cell.path == TIME_TO_ACCURACY} == {("default", 128), ("fast", 96)}
+    (cell,) = time_to_accuracy_cells(["jax"], ["cpu"], ["fast"])
+    assert cell.label == "jax cpu time-to-accuracy b96 (fast recipe)"
     for mode in ("full", "quick"):
         # The spec run_cell writes: what the cell measures, then which cell it is.
         spec = {**cell_spec(cell, MODES[mode], {}), **cell_identity(cell)}
         config = time_to_accuracy_config(spec)
         fast = TrainConfig().with_recipe("fast")
         assert config.recipe == "fast" and config.target_accuracy == MODES[mode]["target_accuracy"]
+        assert config.batch_size == cell.batch_size == spec["batch_size"]
         for field in RECIPES["fast"]:
             assert getattr(config, field) == getattr(fast, field) != getattr(TrainConfig(), field), field
-    (default,) = time_to_accuracy_cells(["jax"], ["cpu"], 128)
-    assert default.recipe == "default" and time_to_accuracy_config(
-        {**cell_spec(default, MODES["full"], {}), **cell_identity(default)}).epochs == TrainConfig().epochs
+    (default,) = time_to_accuracy_cells(["jax"], ["cpu"])
+    default_config = time_to_accuracy_config({**cell_spec(default, MODES["full"], {}), **cell_identity(default)})
+    assert default.recipe == "default" and default_config.epochs == TrainConfig().epochs
+    assert default_config.batch_size == default.batch_size == TrainConfig().batch_size
     with pytest.raises(ValueError, match="recipe='turbo'"):
-        time_to_accuracy_cells(["jax"], ["cpu"], 128, ["turbo"])
+        time_to_accuracy_cells(["jax"], ["cpu"], ["turbo"])
 
 
 @pytest.mark.slow
