@@ -168,5 +168,22 @@ AUGMENTATION_SETTINGS = tuple(name for name, flag in RUN_SETTINGS.items() if fla
 # them had: a checkpoint that lacks one trained with that value.
 RUN_SETTINGS_ADDED = {"warmup_epochs": 0.0, "label_smoothing": 0.0, "recipe": "default"}
 
+
+def recorded_run_settings(recorded: dict) -> dict:
+    """The run settings less the seed that a results file recorded (a TrainConfig's
+    to_dict(), maybe from an older version): the maths two runs must share to be pooled.
+    A setting the file lacks was added after it was written: it ran RUN_SETTINGS_ADDED's
+    value (so a file from before recipes ran the default); any other is None (unknown)."""
+    recorded = {**RUN_SETTINGS_ADDED, **recorded}
+    return {name: recorded.get(name) for name in RUN_SETTINGS if name != "seed"}
+
+
+def settings_label(name: str, settings: dict, versions: list[dict]) -> str:
+    """A recipe's name, with the settings that tell `settings` apart from the other
+    `versions` of that name (results files written while its values changed), e.g.
+    "fast (batch_size=128, lr=0.01)"; the bare name when there is one version."""
+    differing = [field for field in settings if any(other.get(field) != settings[field] for other in versions)]
+    return f"{name} ({', '.join(f'{field}={settings[field]}' for field in differing)})" if differing else name
+
 # The model predict.py and export.py use unless told otherwise: what train.py writes by default.
 DEFAULT_MODEL = f"{TrainConfig.output_dir}/model.keras"
