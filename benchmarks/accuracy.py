@@ -8,8 +8,10 @@
 Each run is `train.py --backend B --seed S --recipe R` in its own process (one backend per process),
 run one after another so they do not compete for cores. Writes
 benchmarks/results/<machine>/accuracy-<UTC time>.json with
-`runs: [{recipe, backend, seed, test_accuracy, epochs, wall_s, ...}]` and the mean per recipe
-and backend.
+`recipe` (the whole TrainConfig the runs trained with), `runs: [{recipe, backend, seed,
+test_accuracy, epochs, wall_s, ...}]` and the mean per recipe and backend. --report pools
+runs by the run settings their files recorded, so a recipe whose values changed between
+files shows one row per version.
 """
 
 from __future__ import annotations

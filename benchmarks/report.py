@@ -1,10 +1,11 @@
 """The report of one or more results files, drawn from the JSON alone, never typed by hand.
 
 `load_runs(paths)` reads and checks results files; `merge_cells(runs)` puts the rounds of
-the same cell (machine, backend, device, path, batch size, device count, recipe) from
-every file together and summarizes them again (benchmarks/summary.py); `markdown_report`
-writes a headline sentence, the headline table, the data-parallel table (when cells ran
-on more than one device), the time-to-accuracy table (one row per backend and recipe),
+the same cell (machine, backend, device, path, batch size, device count, recipe; for time
+to accuracy also the run settings its rounds recorded) from every file together and
+summarizes them again (benchmarks/summary.py); `markdown_report` writes a headline
+sentence, the headline table, the data-parallel table (when cells ran on more than one
+device), the time-to-accuracy table (one row per backend and version of a recipe),
 the inference table and the details; `draw_chart` the PNG.
 benchmarks/compare.py calls these after a run and again for `--report FILE...`.
 """
