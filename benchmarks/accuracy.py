@@ -8,8 +8,10 @@
 Each run is `train.py --backend B --seed S --recipe R` in its own process (one backend per process),
 run one after another so they do not compete for cores. Writes
 benchmarks/results/<machine>/accuracy-<UTC time>.json with
-`runs: [{recipe, backend, seed, test_accuracy, epochs, wall_s, ...}]` and the mean per recipe
-and backend.
+`recipe` (the whole TrainConfig the runs trained with), `runs: [{recipe, backend, seed,
+test_accuracy, epochs, wall_s, ...}]` and the mean per recipe and backend. --report pools
+runs by the run settings their files recorded, so a recipe whose values changed between
+files shows one row per version.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import commit_info, describe_machine, machine_slug, package_versions  # noqa: E402
 from model.arguments import comma_list, positive_int  # noqa: E402
 from model.checkpoint import write_json  # noqa: E402
-from model.config import BACKENDS, RECIPES, TrainConfig  # noqa: E402
+from model.config import BACKENDS, RECIPES, TrainConfig, recorded_run_settings, settings_label  # noqa: E402
 
 
 def run_one(backend: str, seed: int, epochs: int | None, workdir: Path, recipe: str = "default") -> dict:
@@ -77,38 +79,47 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def recipe_of(run: dict) -> tuple[str, int | None]:
-    """(recipe, epochs) a run trained with; files from before recipes ran the default."""
-    return run.get("recipe", "default"), run.get("epochs")
+def versions_of(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """The runs grouped by the run settings they trained with (each run's "settings", those
+    its file recorded: recorded_run_settings), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run["settings"].items()), []).append(run)
+    return groups
 
 
 def print_summary(runs: list[dict]) -> None:
-    """One row per recipe (with its epochs) and backend."""
+    """One row per version of a recipe (its run settings) and backend; a recipe whose
+    values changed between files shows the settings that differ next to its name."""
     print("\n| recipe | epochs | backend | seeds | mean test accuracy | min | max |\n| --- | --- | --- | --- | --- | --- | --- |")
-    for recipe, epochs in sorted({recipe_of(run) for run in runs if run["status"] == "ok"}, key=str):
-        summary = summarize([run for run in runs if recipe_of(run) == (recipe, epochs)])
-        for backend, row in summary.items():
+    groups = versions_of([run for run in runs if run["status"] == "ok"])
+    for key in sorted(groups, key=lambda key: (dict(key)["recipe"], str(key))):
+        settings = dict(key)
+        versions = [dict(other) for other in groups if dict(other)["recipe"] == settings["recipe"]]
+        label = settings_label(settings["recipe"], settings, versions)
+        for backend, row in summarize(groups[key]).items():
             seeds = ", ".join(map(str, row["seeds"]))
-            print(f"| {recipe} | {epochs} | {backend} | {seeds} | {row['mean_test_accuracy']:.4f} | {row['min']:.4f} "
-                  f"| {row['max']:.4f} |")
+            print(f"| {label} | {settings['epochs']} | {backend} | {seeds} | {row['mean_test_accuracy']:.4f} "
+                  f"| {row['min']:.4f} | {row['max']:.4f} |")
 
 
 def report(paths: list[Path]) -> int:
-    """Merge the runs of several results files (the latest run of each recipe, backend and
-    seed wins)."""
+    """Merge the runs of several results files: the latest run of each version of a recipe
+    (the run settings its file recorded), backend and seed wins."""
     files = []
     for path in paths:
         try:
             content = json.loads(Path(path).read_text())
-            files.append((content["datetime"], content["runs"]))
-        except (ValueError, KeyError, TypeError) as error:
+            settings = recorded_run_settings(content["recipe"])
+            files.append((content["datetime"], [{**run, "settings": settings} for run in content["runs"]]))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             print(f"accuracy.py: error: {path} is not an accuracy results file ({error!r})", file=sys.stderr)
             return 1
     latest = {}
     for _, runs in sorted(files, key=lambda item: item[0]):
         for run in runs:
             if run["status"] == "ok":
-                latest[(*recipe_of(run), run["backend"], run["seed"])] = run
+                latest[(tuple(run["settings"].items()), run["backend"], run["seed"])] = run
     if not latest:
         print("accuracy.py: error: no successful run in " + ", ".join(map(str, paths)), file=sys.stderr)
         return 1
@@ -142,6 +153,9 @@ def main(argv=None) -> int:
     runs = []
     total = len(args.backends) * len(args.seeds)
 
+    # The whole TrainConfig the runs train with: --report pools runs by its run settings.
+    config = TrainConfig().with_recipe(args.recipe).replace(**({"epochs": args.epochs} if args.epochs else {}))
+
     def save() -> None:
         # After every run, atomically: a sweep stopped part-way keeps the runs it finished.
         write_json(path, {
@@ -149,8 +163,7 @@ def main(argv=None) -> int:
             "commit": commit_info(),
             "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions(),
-            "recipe": TrainConfig().with_recipe(args.recipe).replace(**({"epochs": args.epochs} if args.epochs else {}))
-            .to_dict(),
+            "recipe": config.to_dict(),
             "runs": runs,
             "summary": summarize(runs),
         })
@@ -164,7 +177,7 @@ def main(argv=None) -> int:
                 save()
                 shown = f"{run['test_accuracy']:.4f}" if run["status"] == "ok" else f"failed: {run['reason']}"
                 print(f"    test accuracy {shown} in {run['wall_s']:.0f} s; saved in {path}", flush=True)
-    print_summary(runs)
+    print_summary([{**run, "settings": recorded_run_settings(config.to_dict())} for run in runs])
     print(f"\nwrote {path}")
     return 0 if all(r["status"] == "ok" for r in runs) else 1
 

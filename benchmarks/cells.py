@@ -59,12 +59,13 @@ def build_matrix(backends=BACKENDS, devices=DEVICES, paths=PATHS, batch_sizes=(1
             for count in device_counts if count == 1 or path == DATA_PARALLEL_PATH]
 
 
-def time_to_accuracy_cells(backends=BACKENDS, devices=DEVICES, batch_size: int = 128,
-                           recipes=(TrainConfig.recipe,)) -> list[Cell]:
-    """One cell per device, backend and recipe (a name in model/config.py RECIPES)."""
-    for name in recipes:
-        TrainConfig().with_recipe(name)  # an unknown name fails here, before any cell starts
-    return [Cell(backend, device, TIME_TO_ACCURACY, batch_size, recipe=recipe)
+def time_to_accuracy_cells(backends=BACKENDS, devices=DEVICES, recipes=(TrainConfig.recipe,)) -> list[Cell]:
+    """One cell per device, backend and recipe (a name in model/config.py RECIPES), at the
+    recipe's own batch size: the one its process trains with (TrainConfig.with_recipe),
+    so that the cell's label and results row say what ran."""
+    # An unknown name fails here, before any cell starts.
+    batch_sizes = {name: TrainConfig().with_recipe(name).batch_size for name in recipes}
+    return [Cell(backend, device, TIME_TO_ACCURACY, batch_sizes[recipe], recipe=recipe)
             for device in devices for backend in backends for recipe in recipes]
 
 

@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"per backend and recipe (default: {','.join(MODES['full']['time_to_accuracy_recipes'])}, "
                              f"{','.join(MODES['quick']['time_to_accuracy_recipes'])} with --quick)")
     parser.add_argument("--batch-sizes", type=comma_list(int, positive=True), default=[128], metavar="N[,N...]",
-                        help="training batch sizes to sweep (default: 128)")
+                        help="training batch sizes to sweep (default: 128; time-to-accuracy cells train at their "
+                             "recipe's)")
     parser.add_argument("--backends", type=comma_list(choices=BACKENDS), default=list(BACKENDS), metavar="NAME[,NAME...]",
                         help=f"backends to time (default: {','.join(BACKENDS)})")
     parser.add_argument("--devices", type=comma_list(choices=DEVICES), default=list(DEVICES), metavar="NAME[,NAME...]",
@@ -121,7 +122,7 @@ def benchmark_cells(args: argparse.Namespace) -> list[Cell]:
              if "training" in args.kinds else [])
     if TIME_TO_ACCURACY in args.kinds:
         recipes = args.recipes or MODES["quick" if args.quick else "full"]["time_to_accuracy_recipes"]
-        cells += time_to_accuracy_cells(args.backends, args.devices, args.batch_sizes[0], recipes)
+        cells += time_to_accuracy_cells(args.backends, args.devices, recipes)
     if PREDICT in args.kinds:
         cells += predict_cells(args.backends, args.devices)
     return cells

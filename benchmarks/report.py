@@ -1,10 +1,11 @@
 """The report of one or more results files, drawn from the JSON alone, never typed by hand.
 
 `load_runs(paths)` reads and checks results files; `merge_cells(runs)` puts the rounds of
-the same cell (machine, backend, device, path, batch size, device count, recipe) from
-every file together and summarizes them again (benchmarks/summary.py); `markdown_report`
-writes a headline sentence, the headline table, the data-parallel table (when cells ran
-on more than one device), the time-to-accuracy table (one row per backend and recipe),
+the same cell (machine, backend, device, path, batch size, device count, recipe; for time
+to accuracy also the run settings its rounds recorded) from every file together and
+summarizes them again (benchmarks/summary.py); `markdown_report` writes a headline
+sentence, the headline table, the data-parallel table (when cells ran on more than one
+device), the time-to-accuracy table (one row per backend and version of a recipe),
 the inference table and the details; `draw_chart` the PNG.
 benchmarks/compare.py calls these after a run and again for `--report FILE...`.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.measure import DEVICES, KERAS_PATHS, ONNX_RUNTIME, PATHS, PREDICT, TIME_TO_ACCURACY
 from benchmarks.summary import IDENTITY, summarize_cells
-from model.config import BACKENDS, RECIPES, TrainConfig
+from model.config import BACKENDS, RECIPES, TrainConfig, recorded_run_settings, settings_label
 
 HEADLINE_PATH = "keras-fit"
 STOCK_PATH = "keras-fit-stock"
@@ -95,26 +96,68 @@ def _order(cell: dict) -> tuple:
     return (position(kinds, cell["path"]) >= len(PATHS), cell["batch_size"] or 0, position(DEVICES, cell["device"]),
             position((*BACKENDS, ONNX_RUNTIME), cell["backend"]), position(kinds, cell["path"]),
             cell.get("device_count", 1), position(list(RECIPES), cell.get("recipe")), cell.get("recipe") or "",
+            # Of a recipe's versions, today's first (the headline's), then by their label.
+            not (cell.get("settings") and _is_current(cell["settings"])), cell.get("recipe_label") or "",
             cell.get("machine") or "")
 
 
+def recorded_settings(cell: dict) -> dict | None:
+    """The run settings a time-to-accuracy cell trained with (recorded_run_settings): from
+    the config its rounds record; a file from before rounds recorded one gives the recipe
+    alone (none named: the default), its other settings None (not recorded). The other
+    kinds have none."""
+    if cell["path"] != TIME_TO_ACCURACY:
+        return None
+    configs = [result["config"] for result in cell["rounds"] if result.get("config")]
+    return recorded_run_settings(configs[0] if configs else {key: cell[key] for key in ("recipe",) if cell.get(key)})
+
+
 def recipe_of(cell: dict) -> str | None:
-    """The recipe a time-to-accuracy cell trained; files written before cells named one
-    trained train.py's default. The other kinds have none."""
-    return (cell.get("recipe") or TrainConfig.recipe) if cell["path"] == TIME_TO_ACCURACY else None
+    """The recipe a time-to-accuracy cell trained (None for the other kinds)."""
+    settings = recorded_settings(cell)
+    return settings and settings["recipe"]
+
+
+def _is_current(settings: dict) -> bool:
+    """Whether a cell's recorded settings are its recipe's today (as the quick mode's
+    limited epochs left aside)."""
+    today = recorded_run_settings(TrainConfig().with_recipe(settings["recipe"]).to_dict()) \
+        if settings["recipe"] in RECIPES else {}
+    return all(settings[name] == today.get(name) for name in settings if name != "limit_train_batches")
+
+
+def _label_versions(rows: list[dict]) -> None:
+    """Each time-to-accuracy row's recipe_label: its recipe's name, with the settings that
+    tell it apart when files hold more than one version of that name (different maths,
+    never pooled); "settings not recorded" for cells of files that predate the record."""
+    versions: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("settings") and row["settings"] not in versions.setdefault(row["recipe"], []):
+            versions[row["recipe"]].append(row["settings"])
+    for row in rows:
+        if row["path"] != TIME_TO_ACCURACY:
+            continue
+        known = [version for version in versions[row["recipe"]] if version["epochs"] is not None]
+        if row["settings"]["epochs"] is None:
+            row["recipe_label"] = row["recipe"] + (" (settings not recorded)" if known else "")
+        else:
+            row["recipe_label"] = settings_label(row["recipe"], row["settings"], known)
 
 
 def merge_cells(runs: list[dict]) -> list[dict]:
-    """One row per cell of all runs, its rounds from every file (tagged with the file), summarized."""
+    """One row per cell of all runs, its rounds from every file (tagged with the file),
+    summarized. Time-to-accuracy cells merge only when their recorded run settings agree:
+    a recipe whose values changed between files gives a row per version."""
     rows: dict[tuple, dict] = {}
     for run in runs:
         for cell in run["cells"]:
             # Files written before the device-count dimension hold 1-device cells only.
             row = {**cell, "machine": cell.get("machine") or run["machine"].get("slug"),
                    "device_count": cell.get("device_count", 1)}
-            if recipe_of(cell):
-                row["recipe"] = recipe_of(cell)
-            key = tuple(row.get(field) for field in IDENTITY)
+            settings = recorded_settings(cell)
+            if settings:
+                row["recipe"] = settings["recipe"]
+            key = (*(row.get(field) for field in IDENTITY), json.dumps(settings, sort_keys=True))
             rounds = [{**result, "source": run["source"]} for result in cell["rounds"]]
             if key in rows:
                 rows[key]["rounds"] += rounds
@@ -124,7 +167,12 @@ def merge_cells(runs: list[dict]) -> list[dict]:
         # A cell skipped in one file but run in another keeps only the rounds that ran.
         if any(r["status"] != "skipped" for r in row["rounds"]):
             row["rounds"] = [r for r in row["rounds"] if r["status"] != "skipped"]
-    return sorted(summarize_cells(list(rows.values())), key=_order)
+    summarized = summarize_cells(list(rows.values()))
+    for row in summarized:
+        if row["path"] == TIME_TO_ACCURACY:
+            row["settings"] = recorded_settings(row)  # what the summary keeps: its identity and rounds
+    _label_versions(summarized)
+    return sorted(summarized, key=_order)
 
 
 # ----------------------------------------------------------------------------- text
@@ -335,7 +383,7 @@ def time_to_accuracy_table(rows: list[dict]) -> list[str]:
                    if row.get("seconds_to_target") is not None else "not reached")
         epochs = f"{row['epochs_to_target']:g}" if row.get("epochs_to_target") is not None else "–"
         lines.append([*([row.get("machine")] if len(machines) > 1 else []), row["backend"], row["device"],
-                      row["recipe"], seconds, epochs, f"{row['rounds_reached']}/{row['rounds_ok']}",
+                      row.get("recipe_label", row["recipe"]), seconds, epochs, f"{row['rounds_reached']}/{row['rounds_ok']}",
                       f"{row['test_accuracy']:.4f}", _number(row.get("evaluation_s"))])
     target = _target(rows)
     columns = [*(["machine"] if len(machines) > 1 else []), "backend", "device", "recipe",

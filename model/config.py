@@ -32,13 +32,13 @@ DRY_RUN_BATCHES = 5
 # Named recipes (train.py --recipe NAME): each a set of TrainConfig values over its defaults.
 # "fast" trains 2 epochs (README: "Recipes"; its 3-seed runs are in benchmarks/results/):
 # batches of 96 at a 4x higher peak learning rate after a warm-up, so that the cosine
-# anneals a well-moved net in 1,146 steps; label smoothing (the default's); no weight
-# average (momentum 0.999 would still hold 32% of the first step's weights after 1,146
-# steps). What each lever did, and the 3-seed results: README, "Recipes".
+# anneals a well-moved net in 1,146 steps; the default's label smoothing (TrainConfig's,
+# so not repeated here); no weight average (momentum 0.999 would still hold 32% of the
+# first step's weights after 1,146 steps). What each lever did, and the 3-seed results:
+# README, "Recipes".
 RECIPES: dict[str, dict] = {
     "default": {},
-    "fast": {"epochs": 2, "batch_size": 96, "lr": 8e-3, "warmup_epochs": 0.3, "label_smoothing": 0.1,
-             "ema_momentum": None},
+    "fast": {"epochs": 2, "batch_size": 96, "lr": 8e-3, "warmup_epochs": 0.3, "ema_momentum": None},
 }
 
 
@@ -167,6 +167,23 @@ AUGMENTATION_SETTINGS = tuple(name for name, flag in RUN_SETTINGS.items() if fla
 # Run settings added after checkpoints were first written, with the value every run before
 # them had: a checkpoint that lacks one trained with that value.
 RUN_SETTINGS_ADDED = {"warmup_epochs": 0.0, "label_smoothing": 0.0, "recipe": "default"}
+
+
+def recorded_run_settings(recorded: dict) -> dict:
+    """The run settings less the seed that a results file recorded (a TrainConfig's
+    to_dict(), maybe from an older version): the maths two runs must share to be pooled.
+    A setting the file lacks was added after it was written: it ran RUN_SETTINGS_ADDED's
+    value (so a file from before recipes ran the default); any other is None (unknown)."""
+    recorded = {**RUN_SETTINGS_ADDED, **recorded}
+    return {name: recorded.get(name) for name in RUN_SETTINGS if name != "seed"}
+
+
+def settings_label(name: str, settings: dict, versions: list[dict]) -> str:
+    """A recipe's name, with the settings that tell `settings` apart from the other
+    `versions` of that name (results files written while its values changed), e.g.
+    "fast (batch_size=128, lr=0.01)"; the bare name when there is one version."""
+    differing = [field for field in settings if any(other.get(field) != settings[field] for other in versions)]
+    return f"{name} ({', '.join(f'{field}={settings[field]}' for field in differing)})" if differing else name
 
 # The model predict.py and export.py use unless told otherwise: what train.py writes by default.
 DEFAULT_MODEL = f"{TrainConfig.output_dir}/model.keras"

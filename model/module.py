@@ -16,7 +16,7 @@ from keras import ops
 
 from model.backend import BACKEND
 from model.cnn import build_cnn
-from model.config import STEPS, TrainConfig
+from model.config import RUN_SETTINGS_ADDED, STEPS, TrainConfig
 
 
 def sparse_crossentropy(labels, probabilities, label_smoothing: float = 0.0):
@@ -72,8 +72,9 @@ class CNNModule(keras.Model):
         self.built = True
 
     def call(self, images, training=False):
-        # The backend's forward pass of the network: on torch, the layers' own calls without
-        # Keras' per-layer wrapping, which eager torch would run at every step (same numbers).
+        # The backend's forward pass of the network (backends/layers.py): the layers' own
+        # calls without Keras' per-layer wrapping, with convolution, ReLU and pooling as one
+        # call; outputs as the layers', gradients equal up to rounding.
         return BACKEND.forward(self.network, images, training)
 
     def build(self, input_shape=None):
@@ -156,3 +157,12 @@ class CNNModule(keras.Model):
             "step": self.step,
             "ema_momentum": self.ema_momentum,
         }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # A module saved before label smoothing existed has no such key and trained without
+        # it: fill it with that value, not today's default (TrainConfig's), so that a resume
+        # keeps the run's maths. (warmup_steps needs no filling: its default, 0, is the
+        # value those runs had.)
+        config = {"label_smoothing": RUN_SETTINGS_ADDED["label_smoothing"], **config}
+        return super().from_config(config, custom_objects=custom_objects)

@@ -97,21 +97,27 @@ def test_time_to_accuracy_cells_train_the_recipe_they_name():
     assert recipes([]) == [(backend, recipe) for backend in BACKENDS for recipe in ("default", "fast")]
     assert recipes(["--quick"]) == [(backend, "default") for backend in BACKENDS]
     assert recipes(["--quick", "--recipes", "fast", "--backends", "torch"]) == [("torch", "fast")]
-    (cell,) = time_to_accuracy_cells(["jax"], ["cpu"], 128, ["fast"])
-    assert cell.label == "jax cpu time-to-accuracy b128 (fast recipe)"
+    # Whatever --batch-sizes says, each cell names (label, identity, results row) the batch
+    # size its recipe trains with.
+    assert {(cell.recipe, cell.batch_size) for cell in benchmark_cells(parse_args(["--batch-sizes", "64"]))
+            if cell.path == TIME_TO_ACCURACY} == {("default", 128), ("fast", 96)}
+    (cell,) = time_to_accuracy_cells(["jax"], ["cpu"], ["fast"])
+    assert cell.label == "jax cpu time-to-accuracy b96 (fast recipe)"
     for mode in ("full", "quick"):
         # The spec run_cell writes: what the cell measures, then which cell it is.
         spec = {**cell_spec(cell, MODES[mode], {}), **cell_identity(cell)}
         config = time_to_accuracy_config(spec)
         fast = TrainConfig().with_recipe("fast")
         assert config.recipe == "fast" and config.target_accuracy == MODES[mode]["target_accuracy"]
+        assert config.batch_size == cell.batch_size == spec["batch_size"]
         for field in RECIPES["fast"]:
             assert getattr(config, field) == getattr(fast, field) != getattr(TrainConfig(), field), field
-    (default,) = time_to_accuracy_cells(["jax"], ["cpu"], 128)
-    assert default.recipe == "default" and time_to_accuracy_config(
-        {**cell_spec(default, MODES["full"], {}), **cell_identity(default)}).epochs == TrainConfig().epochs
+    (default,) = time_to_accuracy_cells(["jax"], ["cpu"])
+    default_config = time_to_accuracy_config({**cell_spec(default, MODES["full"], {}), **cell_identity(default)})
+    assert default.recipe == "default" and default_config.epochs == TrainConfig().epochs
+    assert default_config.batch_size == default.batch_size == TrainConfig().batch_size
     with pytest.raises(ValueError, match="recipe='turbo'"):
-        time_to_accuracy_cells(["jax"], ["cpu"], 128, ["turbo"])
+        time_to_accuracy_cells(["jax"], ["cpu"], ["turbo"])
 
 
 @pytest.mark.slow
@@ -625,13 +631,18 @@ def test_report_headline_tables_and_collapsed_skips(tmp_path):
     assert any("floor drifted 20%" in line for line in lines)
 
 
-def tta_row(backend, seconds, recipe=None, epochs=4):
-    """A time-to-accuracy cell of one round; without `recipe`, as files before recipes wrote it."""
+def tta_row(backend, seconds, recipe=None, epochs=4, config=None):
+    """A time-to-accuracy cell of one round; without `recipe`, as files before recipes wrote
+    it (no recipe, no config); with it, its round records the config it trained (`config`,
+    else the recipe's today)."""
     row = {"backend": backend, "device": "cpu", "path": TIME_TO_ACCURACY, "batch_size": 128, "status": "ok",
            "rounds": [{"status": "ok", "round": 0, "target_accuracy": 0.99, "test_accuracy": 0.9903,
                        "reached_target": True, "seconds_to_target": seconds, "epochs_to_target": epochs,
                        "evaluation_s": 2.0}]}
-    return {**row, "recipe": recipe} if recipe else row
+    if not recipe:
+        return row
+    config = config or TrainConfig(target_accuracy=0.99).with_recipe(recipe).to_dict()
+    return {**row, "recipe": recipe, "rounds": [{**result, "config": config} for result in row["rounds"]]}
 
 
 def test_report_has_a_time_to_accuracy_row_per_backend_and_recipe():
@@ -647,18 +658,43 @@ def test_report_has_a_time_to_accuracy_row_per_backend_and_recipe():
     assert lines[header + 2:header + 6] == ["| jax | cpu | default | 75.0 | 4 | 1/1 | 0.9903 | 2.0 |",
                                             "| jax | cpu | fast | 12.5 | 2 | 1/1 | 0.9903 | 2.0 |",
                                             "| torch | cpu | fast | 14.2 | 2 | 1/1 | 0.9903 | 2.0 |", ""]
-    # An older file: its cells hold no recipe; they are the default's, and merge with a newer file's.
+    # An older file: its cells hold no recipe; they ran the default, but with the settings
+    # the default had then (not recorded): a row of their own beside a newer file's.
     old = {**synthetic_run("cpu-test-2c-avx2", [tta_row("jax", 80.0)]), "source": "old.json"}
     (row,) = merge_cells([old])
     assert row["recipe"] == "default"
     lines = markdown_report([old], [row]).splitlines()
     assert lines[4].endswith("| time to 99% |") and "| jax | cpu | default | 80.0 | 4 | 1/1 | 0.9903 | 2.0 |" in lines
-    merged = {(r["backend"], r["recipe"]): r for r in merge_cells([old, new]) if r["path"] == TIME_TO_ACCURACY}
-    assert merged[("jax", "default")]["rounds_ok"] == 2 and merged[("jax", "fast")]["rounds_ok"] == 1
+    merged = {(r["backend"], r["recipe_label"]): r for r in merge_cells([old, new]) if r["path"] == TIME_TO_ACCURACY}
+    assert merged[("jax", "default")]["rounds_ok"] == 1 and merged[("jax", "fast")]["rounds_ok"] == 1
+    assert merged[("jax", "default (settings not recorded)")]["seconds_to_target"] == 80.0
+    lines = markdown_report([old, new], merge_cells([old, new])).splitlines()
+    assert next(line for line in lines if line.startswith("| jax | cpu |")).endswith("| 75 s (4 epochs) |")
     # A run of the fast recipe alone: the headline shows it, named.
     fast = synthetic_run("fast", [*synthetic_matrix()[:2], tta_row("jax", 12.5, "fast", epochs=2)])
     lines = markdown_report([fast], merge_cells([fast])).splitlines()
     assert lines[4].endswith("| time to 99%, fast recipe |") and lines[6].endswith("| 12 s (2 epochs) |")
+
+
+def test_report_keeps_versions_of_a_recipe_apart():
+    """Files from before and after a recipe's values changed: rows of one name that trained
+    different maths stay apart, each named by the settings that differ; the headline
+    shows today's version; rounds of one version from two files merge."""
+    then = TrainConfig(target_accuracy=0.99, epochs=20, label_smoothing=0.0).to_dict()
+    older = {**synthetic_run("cpu-test-2c-avx2", [tta_row("jax", 60.0, "default", config=then),
+                                                  tta_row("jax", 14.0, "fast", epochs=2)]), "source": "older.json"}
+    newer = {**synthetic_run("cpu-test-2c-avx2", [*synthetic_matrix()[:2], tta_row("jax", 75.0, "default"),
+                                                  tta_row("jax", 12.0, "fast", epochs=2)]), "source": "newer.json"}
+    rows = merge_cells([older, newer])
+    timed = {row["recipe_label"]: row for row in rows if row["path"] == TIME_TO_ACCURACY}
+    assert sorted(timed) == ["default (epochs=20, label_smoothing=0.0)", "default (epochs=30, label_smoothing=0.1)",
+                             "fast"]
+    assert timed["default (epochs=20, label_smoothing=0.0)"]["seconds_to_target"] == 60.0
+    assert timed["default (epochs=30, label_smoothing=0.1)"]["seconds_to_target"] == 75.0
+    assert timed["fast"]["rounds_ok"] == 2
+    lines = markdown_report([older, newer], rows).splitlines()
+    assert next(line for line in lines if line.startswith("| jax | cpu |")).endswith("| 75 s (4 epochs) |")
+    assert "| jax | cpu | default (epochs=20, label_smoothing=0.0) | 60.0 | 4 | 1/1 | 0.9903 | 2.0 |" in lines
 
 
 def test_report_of_two_machines_keeps_them_apart():

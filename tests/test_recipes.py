@@ -1,5 +1,6 @@
 """Named recipes (train.py --recipe): their values reach the run, explicit flags win, resume
-keeps the recipe, and the learning-rate warm-up some recipes use.
+keeps the recipe (and a checkpoint from before a setting existed resumes with the value it
+had then), and the learning-rate warm-up some recipes use.
 
 The train.py run and the schedule check run once, on torch (the quickest to start), in two
 processes started together; the rest needs no framework."""
@@ -20,6 +21,8 @@ from tests.helpers import StartedPython, require_backend
 
 SCHEDULE = r'''
 import json
+import sys
+import zipfile
 
 from model.runtime import select_backend
 
@@ -27,8 +30,10 @@ select_backend("torch")
 import numpy as np
 from keras import ops
 
+from model.checkpoint import load_model, save_model
+from model.config import TrainConfig
 from model.module import CNNModule, sparse_crossentropy
-
+from model.training import prepare_run
 
 
 def rates(optimizer):
@@ -45,11 +50,30 @@ probabilities = np.array([[0.7, 0.2, 0.1] + [0.0] * 7, [0.1] * 10], "float32")
 labels = np.array([0, 3], "int32")
 module = CNNModule(label_smoothing=0.1, decay_steps=0).configure()
 smoothed = module.compute_loss(y=labels, y_pred=probabilities)
+
+# A checkpoint written before label smoothing existed: its module config has no such key.
+saved = save_model(module, sys.argv[1] + "/smoothed.keras")
+with zipfile.ZipFile(saved) as archive:
+    entries = {name: archive.read(name) for name in archive.namelist()}
+config = json.loads(entries["config.json"])
+del config["config"]["label_smoothing"]
+entries["config.json"] = json.dumps(config)
+with zipfile.ZipFile(sys.argv[1] + "/older.keras", "w") as archive:
+    for name, data in entries.items():
+        archive.writestr(name, data)
+
+# The module prepare_run builds (as train.py's) for settings that are not the defaults.
+settings = dict(label_smoothing=0.05, warmup_epochs=0.5, limit_train_batches=4)
+prepared, _, _ = prepare_run(TrainConfig(output_dir=None, **settings))
 print(json.dumps({"warm": rates(CNNModule(lr=1e-3, decay_steps=100, warmup_steps=10).configure_optimizers()),
                   "plain": rates(CNNModule(lr=1e-3, decay_steps=100).configure_optimizers()),
                   "smoothed_loss": float(ops.convert_to_numpy(smoothed)),
                   "step_loss": float(ops.convert_to_numpy(module.training_step((None, labels), probabilities)[0])),
-                  "plain_loss": float(ops.convert_to_numpy(ops.mean(sparse_crossentropy(labels, probabilities))))}))
+                  "plain_loss": float(ops.convert_to_numpy(ops.mean(sparse_crossentropy(labels, probabilities)))),
+                  "reloaded_smoothing": load_model(saved).label_smoothing,
+                  "older_smoothing": load_model(sys.argv[1] + "/older.keras").label_smoothing,
+                  "prepared": {"settings": settings, "label_smoothing": prepared.label_smoothing,
+                               "warmup_steps": prepared.warmup_steps}}))
 '''
 
 EXPLICIT_LR = 0.0042
@@ -60,7 +84,7 @@ def recipe_runs(tmp_path_factory):
     """(the schedule's learning rates, the --recipe fast run's process and output dir)."""
     require_backend("torch")
     root = tmp_path_factory.mktemp("recipes")
-    schedule = StartedPython(["-c", SCHEDULE], None, root / "logs-schedule")
+    schedule = StartedPython(["-c", SCHEDULE, root], None, root / "logs-schedule")
     # --epochs and --lr given: they win over the recipe's (and keep the run short even if
     # the recipe were ignored); the recipe's other values must reach the run.
     run = StartedPython(["train.py", "--backend", "torch", "--recipe", "fast", "--lr", str(EXPLICIT_LR), "--epochs",
@@ -87,11 +111,27 @@ def test_a_recipes_values_reach_run_json_and_explicit_flags_win(recipe_runs):
     stored = read_trainer_state(output / "checkpoints" / "last.keras")["run"]
     assert stored["recipe"] == "fast" and stored["lr"] == EXPLICIT_LR
     # And the module that trained got them: its warm-up counted in the limited epoch's
-    # steps (0.3 of 2 batches: 1 step), its loss smoothed (the module's saved config).
+    # steps (0.3 of 2 batches: 1 step; the module's saved config).
     with zipfile.ZipFile(output / "checkpoints" / "last.keras") as archive:
         module = json.loads(archive.read("config.json"))["config"]
     assert module["warmup_steps"] == round(RECIPES["fast"]["warmup_epochs"] * 2) == 1
-    assert module["label_smoothing"] == RECIPES["fast"]["label_smoothing"]
+
+
+def test_prepare_run_gives_the_module_the_configs_smoothing_and_warm_up(recipe_runs):
+    """No recipe changes the default smoothing now, so a module that took CNNModule's own
+    default would pass the run above: here both settings are not the defaults."""
+    prepared = recipe_runs[0]["prepared"]
+    assert prepared["label_smoothing"] == prepared["settings"]["label_smoothing"] != TrainConfig.label_smoothing
+    # Half of an epoch limited to 4 batches: 2 steps.
+    assert prepared["warmup_steps"] == round(prepared["settings"]["warmup_epochs"] * 4) == 2
+
+
+def test_a_module_saved_before_label_smoothing_existed_reloads_without_it(recipe_runs):
+    """Trainer._restore rebuilds the module from last.keras (load_model): a checkpoint whose
+    module config has no label_smoothing trained with none, whatever today's default is."""
+    schedule, _ = recipe_runs
+    assert schedule["reloaded_smoothing"] == 0.1  # a saved value is kept
+    assert schedule["older_smoothing"] == RUN_SETTINGS_ADDED["label_smoothing"] == 0.0 != TrainConfig.label_smoothing
 
 
 def test_warm_up_rises_linearly_then_the_cosine_runs_over_the_remaining_steps(recipe_runs):
@@ -132,6 +172,10 @@ def test_resume_restores_the_recipe_and_refuses_another():
         resumed_config(TrainConfig(resume=True), run_settings(fast), given={"resume", "recipe"})
 
 
-def test_a_checkpoint_from_before_recipes_resumes_as_the_default():
+def test_a_checkpoint_from_before_recipes_resumes_with_the_settings_runs_had_then():
+    """Such a checkpoint lacks recipe, warm-up and label smoothing: it resumes with the
+    values every run had before they existed (RUN_SETTINGS_ADDED), not today's defaults."""
     stored = {name: value for name, value in run_settings(TrainConfig()).items() if name not in RUN_SETTINGS_ADDED}
-    assert resumed_config(TrainConfig(), stored, given=set()) == TrainConfig()
+    resumed = resumed_config(TrainConfig(), stored, given=set())
+    assert resumed == TrainConfig().replace(**RUN_SETTINGS_ADDED) != TrainConfig()
+    assert resumed.label_smoothing == 0.0 and resumed.recipe == "default"

@@ -191,7 +191,7 @@ def test_resume_continues_with_the_checkpoints_settings_and_this_backends_jit(re
     assert f"resuming after epoch {stopped_at} of 4" in result.stdout
     run = json.loads((output / "run.json").read_text())
     assert run["backend"] == "torch" and run["resumed_from_epoch"] == stopped_at
-    # The checkpoint's settings, not train.py's defaults (20 epochs, all batches) ...
+    # The checkpoint's settings, not train.py's defaults (TrainConfig's epochs, all batches) ...
     assert run["config"]["epochs"] == 4 and run["config"]["limit_train_batches"] == 5
     # ... the whole history, and torch's own jit_compile (eager), not JAX's XLA.
     assert [entry["epoch"] for entry in run["history"]] == [1, 2, 3, 4]
