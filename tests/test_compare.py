@@ -82,7 +82,7 @@ def test_rounds_per_cell():
     assert MODES["quick"]["rounds"] == 1
 
 
-def test_time_to_accuracy_cells_train_the_recipe_they_name():
+def test_time_to_accuracy_cells_train_the_recipe_they_name(monkeypatch):
     """A full run times the default and the fast recipe; --quick the default alone; each
     cell's process builds its config with the recipe applied (TrainConfig.with_recipe)."""
     from benchmarks.cells import cell_identity
@@ -100,9 +100,12 @@ def test_time_to_accuracy_cells_train_the_recipe_they_name():
     # Whatever --batch-sizes says, each cell names (label, identity, results row) the batch
     # size its recipe trains with.
     assert {(cell.recipe, cell.batch_size) for cell in benchmark_cells(parse_args(["--batch-sizes", "64"]))
-            if cell.path == TIME_TO_ACCURACY} == {("default", 128), ("fast", 96)}
+            if cell.path == TIME_TO_ACCURACY} == {("default", 128), ("fast", 128)}
+    monkeypatch.setitem(RECIPES, "b96", {"batch_size": 96})
+    (cell,) = time_to_accuracy_cells(["jax"], ["cpu"], ["b96"])
+    assert cell.label == "jax cpu time-to-accuracy b96 (b96 recipe)"
     (cell,) = time_to_accuracy_cells(["jax"], ["cpu"], ["fast"])
-    assert cell.label == "jax cpu time-to-accuracy b96 (fast recipe)"
+    assert cell.label == "jax cpu time-to-accuracy b128 (fast recipe)"
     for mode in ("full", "quick"):
         # The spec run_cell writes: what the cell measures, then which cell it is.
         spec = {**cell_spec(cell, MODES[mode], {}), **cell_identity(cell)}
