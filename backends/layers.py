@@ -81,6 +81,25 @@ def is_plain_relu_conv(layer) -> bool:
             and tuple(layer.strides) == (1, 1) and tuple(layer.dilation_rate) == (1, 1))
 
 
+def pooled_conv_windows(inputs_shape, kernel_shape, pool_size: int) -> list[tuple[slice, slice]] | None:
+    """The input windows (rows, columns) whose "valid" convolutions with stride pool_size
+    give the pool_size**2 strided sub-grids of the stride-1 "valid" convolution of NHWC
+    inputs, sub-grid (r, c) holding its output rows r, r + p, ... and columns c, c + p, ...
+    (so the max pool of the convolution is their elementwise maximum); None when the
+    inputs' height or width is not known while tracing, or the output is not tiled exactly."""
+    height, width = inputs_shape[1], inputs_shape[2]
+    kernel_height, kernel_width = kernel_shape[0], kernel_shape[1]
+    if height is None or width is None:
+        return None
+    rows, columns = height - kernel_height + 1, width - kernel_width + 1
+    if rows % pool_size or columns % pool_size:
+        return None
+    row_span = pool_size * (rows // pool_size - 1) + kernel_height
+    column_span = pool_size * (columns // pool_size - 1) + kernel_width
+    return [(slice(row, row + row_span), slice(column, column + column_span))
+            for row in range(pool_size) for column in range(pool_size)]
+
+
 def exact_max_pool_size(layer) -> int | None:
     """p when `layer` is a pxp/stride-p max pooling of NHWC inputs that drops nothing
     (model.cnn.TiledMaxPooling2D says so with `exact_max_pool_size`), else None."""

@@ -357,7 +357,32 @@ def framework_baseline(workdir: Path) -> dict:
         # How far training moved the weights: the difference above means little unless this is far larger.
         "max_weight_change": max(float(np.abs(a - b).max()) for a, b in zip(baseline_weights, initial)),
         "device": baseline.device_name(),
+        **_other_tensorflow_baseline(initial, datamodule, _weights(trained)),
     }
+
+
+def _other_tensorflow_baseline(initial, datamodule, keras_weights) -> dict:
+    """TensorFlow's baseline compiles with XLA or not as the machine's CPU says, and its
+    convolution and pooling differ between the two: the 20 steps again with the other
+    choice, so that both are checked on any machine ({} on the other backends)."""
+    import keras
+    import numpy as np
+
+    if keras.backend.backend() != "tensorflow":
+        return {}
+    from benchmarks.framework import tensorflow_baseline
+
+    chosen = tensorflow_baseline.JIT_COMPILE
+    tensorflow_baseline.JIT_COMPILE = not chosen
+    try:
+        other = tensorflow_baseline.build(initial, lr=1e-3)
+        for images, labels in datamodule.train_batches(0):
+            other.train_step(images, labels)
+    finally:
+        tensorflow_baseline.JIT_COMPILE = chosen
+    return {"other_jit_compile": not chosen,
+            "other_jit_max_weight_difference": max(
+                float(np.abs(a - b).max()) for a, b in zip(other.get_weights(), keras_weights))}
 
 
 @check
@@ -477,6 +502,13 @@ def layer_calls(workdir: Path) -> dict:
     small.get_layer("conv2d").enable_lora(2)
     after = layers.layer_calls(small, backend.conv_relu_pool)
     lora_forward = keras.ops.convert_to_numpy(fused_forward(small, images[:4]))
+    # Another fusable shape (3 input channels, a 5x5 kernel, 4x4 pooling): the fused call's
+    # input windows (layers.pooled_conv_windows) must fit any kernel and pool size.
+    from model.cnn import TiledMaxPooling2D
+
+    other = keras.Sequential([keras.Input((12, 12, 3)), keras.layers.Conv2D(4, 5, activation="relu"),
+                              TiledMaxPooling2D(4), keras.layers.Flatten()])
+    other_images = keras.ops.convert_to_tensor(np.random.default_rng(0).normal(size=(2, 12, 12, 3)).astype("float32"))
     result = {
         "forward_equal": bool(np.array_equal(stock[0], fused[0])),
         # The fused pair sums the bias gradient in another order.
@@ -492,6 +524,10 @@ def layer_calls(workdir: Path) -> dict:
         "lora_calls_before_after": [len(before), len(after)],
         "lora_fused_after": sum(isinstance(call, functools.partial) for call, _ in after),
         "lora_forward_shape": list(lora_forward.shape),
+        "other_fused_calls": sum(isinstance(call, functools.partial)
+                                 for call, _ in layers.layer_calls(other, backend.conv_relu_pool)),
+        "other_forward_equal": bool(np.array_equal(*map(keras.ops.convert_to_numpy, (
+            fused_forward(other, other_images), other(other_images))))),
     }
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -500,6 +536,13 @@ def layer_calls(workdir: Path) -> dict:
             return tf.function(lambda: (backend.forward(module.network, images),
                                         backend.loss_and_gradients(module, (images, labels))[1]), jit_compile=True)()
 
+        def compiled_forward(network, inputs, forward=fused_forward):
+            return tf.function(lambda: forward(network, inputs), jit_compile=True)()
+
+        # The compiled forward's HLO: how many convolutions XLA runs.
+        forward_hlo = tf.function(lambda batch: fused_forward(module.network, batch), jit_compile=True) \
+            .experimental_get_compiler_ir(images)(stage="hlo", device_name=tf.config.list_logical_devices("CPU")[0].name)
+        convolutions = forward_hlo.count(" convolution(")
     elif keras.backend.backend() == "jax":
         # Training runs the forward pass under jax.jit: compiled, as fit compiles it.
         import jax
@@ -507,12 +550,21 @@ def layer_calls(workdir: Path) -> dict:
         def compiled():
             return jax.jit(lambda: (backend.forward(module.network, images),
                                     backend.loss_and_gradients(module, (images, labels))[1]))()
+
+        def compiled_forward(network, inputs, forward=fused_forward):
+            return jax.jit(lambda: forward(network, inputs))()
+
+        convolutions = jax.jit(lambda batch: fused_forward(module.network, batch)).lower(images).as_text() \
+            .count("stablehlo.convolution")
     else:
         return result
     xla_stock, xla_fused = run(network_forward, compiled), run(fused_forward, compiled)
     result.update(xla_forward_equal=bool(np.array_equal(xla_stock[0], xla_fused[0])),
                   xla_gradient_relative_differences=[float(np.abs(a - b).max() / np.abs(a).max())
-                                                     for a, b in zip(xla_stock[1], xla_fused[1])])
+                                                     for a, b in zip(xla_stock[1], xla_fused[1])],
+                  xla_forward_convolutions=convolutions,
+                  xla_other_forward_equal=bool(np.array_equal(*map(keras.ops.convert_to_numpy, (
+                      compiled_forward(other, other_images), compiled_forward(other, other_images, network_forward))))))
     return result
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from backends import FRAMEWORK_FLAGS, QUIET_DEFAULTS, framework_environment
+from backends.layers import pooled_conv_windows
 from tests.helpers import BACKENDS, TRAIN_PY_MODEL, arrays, check_value, require_backend
 
 EXPECTED_LAYERS = [
@@ -134,6 +135,19 @@ def test_fused_adam_and_weight_average_equal_keras_own(backend, backend_results)
     assert run["max_weight_difference"] <= 1e-5
 
 
+def test_pooled_conv_windows_cover_each_pooling_offset():
+    """Sub-grid (r, c) of a 3x3 "valid" convolution of 28x28 inputs (26x26) is the stride-2
+    convolution of rows and columns r..r+26 and c..c+26; no windows where the pooling would
+    drop a row, or the size is only known when the step runs."""
+    windows = pooled_conv_windows((None, 28, 28, 1), (3, 3, 1, 32), 2)
+    assert windows == [(slice(row, row + 27), slice(column, column + 27)) for row in (0, 1) for column in (0, 1)]
+    # A 5x3 kernel on 12x16 inputs: an 8x14 convolution, which 4x4 pools do not tile; 2x2
+    # pools do, in 4x7 sub-grids: rows 2*3+5 = 11 and columns 2*6+3 = 15 from each offset.
+    assert pooled_conv_windows((2, 12, 16, 3), (5, 3, 3, 4), 4) is None
+    assert pooled_conv_windows((2, 12, 16, 3), (5, 3, 3, 4), 2)[3] == (slice(1, 12), slice(1, 16))
+    assert pooled_conv_windows((None, None, 28, 1), (3, 3, 1, 32), 2) is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_without_layer_wrappers_equals_calling_the_network(backend, backend_results):
     """backends/layers.py forward: the layers' own calls, with the ReLU convolution and its
@@ -151,9 +165,13 @@ def test_forward_without_layer_wrappers_equals_calling_the_network(backend, back
     assert run["float16_layer_calls"] >= 5 and run["float16_forward_equal"], "a float16 input skipped Keras' casting"
     assert run["lora_calls_before_after"] == [4, 5] and run["lora_fused_after"] == 0
     assert run["lora_forward_shape"] == [4, 10]
+    assert run["other_fused_calls"] == 1 and run["other_forward_equal"], "a 5x5 kernel with 4x4 pooling fused wrongly"
     if backend in ("tensorflow", "jax"):
         assert run["xla_forward_equal"], "forward's probabilities differ from network(...)'s under XLA"
         assert max(run["xla_gradient_relative_differences"]) <= 1e-5, run["xla_gradient_relative_differences"]
+        assert run["xla_other_forward_equal"], "a 5x5 kernel with 4x4 pooling fused wrongly under XLA"
+        # Compiled, the fused call is four stride-2 convolutions, one per pooling offset.
+        assert run["xla_forward_convolutions"] == 4, run["xla_forward_convolutions"]
 
 
 @pytest.mark.only_backends("tensorflow", reason="JAX always compiles with XLA and torch runs eagerly; only "
