@@ -96,23 +96,30 @@ def forward(network, images, training: bool = False):
 
 
 def conv_relu_pool(conv, pool_size: int, inputs):
-    """max_pool(relu(conv(inputs) + bias)) of NHWC `inputs`, computed as relu(max(conv_rc)
-    + bias), conv_rc the stride-p convolution of the input window whose output is the
-    convolution's strided sub-grid (r, c) (layers.pooled_conv_windows): the same values
-    (max commutes with ReLU and with adding the bias), without the full convolution's
-    output and with the ReLU, the bias and their gradients over a quarter of the values.
-    Why: XLA:CPU's gradient of the full convolution's strided sub-grids, with the kernel
-    gradient over all of its output, took most of the step; the four strided ones' do not
-    (whole step, conv to loss gradient, AVX-512 host: 10.8 -> 6.0 ms). The convolutions are
-    Keras' own op."""
+    """max_pool(relu(conv(inputs) + bias)) of NHWC `inputs`, with the ReLU after the
+    pooling and the bias (max commutes with both: the same values), so that the ReLU, the
+    bias and their gradients run over a quarter of the values. On a CPU, the pooled
+    convolution is the maximum of conv_rc, the stride-p convolution of the input window
+    whose output is the full convolution's strided sub-grid (r, c)
+    (layers.pooled_conv_windows): the full output is never made, and XLA:CPU's gradient of
+    the full convolution's strided sub-grids, which took most of the step, is gone. A
+    one-off timing on the AVX-512 host (the jit-compiled gradient from the convolution to a
+    loss over the dense layers alone, median of 60 calls, not a results file): 10.8 -> 6.0
+    ms. Elsewhere (GPUs, not measured: none was lent) the full convolution and max_pool.
+    The convolutions are Keras' own op."""
     kernel = conv.kernel.value
-    windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size)
+    windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size) if on_cpu() else None
     if windows is None:
         features = keras.ops.conv(inputs, kernel, padding="valid", data_format="channels_last")
         return jax.nn.relu(max_pool(features + conv.bias.value, pool_size))
     tiles = [keras.ops.conv(inputs[:, rows, columns, :], kernel, strides=pool_size, padding="valid",
                             data_format="channels_last") for rows, columns in windows]
     return jax.nn.relu(functools.reduce(jnp.maximum, tiles) + conv.bias.value)
+
+
+def on_cpu() -> bool:
+    """Whether JAX computes on the CPU (its default backend)."""
+    return jax.default_backend() == "cpu"
 
 
 # ---------------------------------------------------------------------- steps

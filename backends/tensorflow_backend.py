@@ -128,25 +128,43 @@ def forward(network, images, training: bool = False):
 
 
 def conv_relu_pool(conv, pool_size: int, inputs):
-    """max_pool(relu(conv(inputs) + bias)) of NHWC `inputs`, computed as relu(max_pool(
-    conv(inputs) + bias)): the ReLU and its gradient over a quarter of the values, and the
-    bias added as a vector, as the TF baseline does (Keras adds it reshaped to 4-D). Without
-    XLA, on the AVX-512 host (shared, interleaved), the Keras step took 0.74x its own time
-    with the vector bias alone, 0.71x with the ReLU moved too.
-    Compiled by XLA: relu(max(conv_rc) + bias), conv_rc the stride-p convolution of the
-    input window whose output is the full convolution's strided sub-grid (r, c)
-    (layers.pooled_conv_windows), as the JAX backend does: the same values, and XLA's
-    gradients of the four strided convolutions cost much less than the full one's plus its
-    sub-grids' (conv to loss gradient, tf.function with XLA, AVX-512 host: 10.0-11.0 ->
-    7.0-7.8 ms; without XLA, the full convolution and MaxPool: 7.2-7.5 ms either way)."""
-    kernel = conv.kernel.value
-    windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size)
-    if windows is None or not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-        features = tf.nn.conv2d(inputs, kernel, strides=1, padding="VALID") + conv.bias.value
-        return tf.nn.relu(max_pool(features, pool_size))
+    """max_pool(relu(conv(inputs) + bias)) of NHWC `inputs` for a biased ReLU Conv2D layer
+    `conv`: pooled_relu_conv of its kernel and bias."""
+    return pooled_relu_conv(inputs, conv.kernel.value, conv.bias.value, pool_size)
+
+
+def pooled_relu_conv(inputs, kernel, bias, pool_size: int):
+    """max_pool(relu(conv(inputs, kernel) + bias)) of NHWC `inputs`, a stride-1 "valid"
+    convolution whose output pool_size tiles exactly, computed with the ReLU after the
+    pooling (max commutes with ReLU and with adding the same bias: the same values), so the
+    ReLU and its gradient run over a quarter of the values; the TF baseline calls it too.
+    - Without XLA: the convolution, the bias as a vector (Keras adds it reshaped to 4-D) and
+      TensorFlow's own MaxPool. On the AVX-512 host (shared, interleaved), the Keras step
+      took 0.74x its own time with the vector bias alone, 0.71x with the ReLU moved too.
+    - Compiled by XLA on a CPU: relu(max(conv_rc) + bias), conv_rc the stride-p convolution
+      of the input window whose output is the full convolution's strided sub-grid (r, c)
+      (pooled_conv_windows), as the JAX backend does: XLA's gradients of the four strided
+      convolutions cost much less than the full one's plus its sub-grids'. A one-off
+      timing on the AVX-512 host (the jit-compiled gradient from the convolution to a loss
+      over the dense layers alone, median of 60 calls, not a results file): 10.0-11.0 ms ->
+      7.0-7.8 ms; without XLA, the full convolution and MaxPool, 7.2-7.5 ms either way.
+    - Compiled by XLA elsewhere (GPUs, not measured: none was lent): the full convolution
+      and max_pool's strided sub-grids."""
+    windows = pooled_conv_windows(inputs, kernel, pool_size)
+    if windows is None:
+        return tf.nn.relu(max_pool(tf.nn.conv2d(inputs, kernel, strides=1, padding="VALID") + bias, pool_size))
     tiles = [tf.nn.conv2d(inputs[:, rows, columns, :], kernel, strides=pool_size, padding="VALID")
              for rows, columns in windows]
-    return tf.nn.relu(functools.reduce(tf.maximum, tiles) + conv.bias.value)
+    return tf.nn.relu(functools.reduce(tf.maximum, tiles) + bias)
+
+
+def pooled_conv_windows(inputs, kernel, pool_size: int):
+    """layers.pooled_conv_windows where the strided convolutions were measured faster: in
+    a graph XLA compiles, with no GPU; else None."""
+    if tf.config.list_physical_devices("GPU") or not control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()):
+        return None
+    return layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size)
 
 
 # ---------------------------------------------------------------------- steps

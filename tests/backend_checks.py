@@ -373,13 +373,9 @@ def _other_tensorflow_baseline(initial, datamodule, keras_weights) -> dict:
     from benchmarks.framework import tensorflow_baseline
 
     chosen = tensorflow_baseline.JIT_COMPILE
-    tensorflow_baseline.JIT_COMPILE = not chosen
-    try:
-        other = tensorflow_baseline.build(initial, lr=1e-3)
-        for images, labels in datamodule.train_batches(0):
-            other.train_step(images, labels)
-    finally:
-        tensorflow_baseline.JIT_COMPILE = chosen
+    other = tensorflow_baseline.build(initial, lr=1e-3, jit_compile=not chosen)
+    for images, labels in datamodule.train_batches(0):
+        other.train_step(images, labels)
     return {"other_jit_compile": not chosen,
             "other_jit_max_weight_difference": max(
                 float(np.abs(a - b).max()) for a, b in zip(other.get_weights(), keras_weights))}
@@ -537,12 +533,16 @@ def layer_calls(workdir: Path) -> dict:
                                         backend.loss_and_gradients(module, (images, labels))[1]), jit_compile=True)()
 
         def compiled_forward(network, inputs, forward=fused_forward):
-            return tf.function(lambda: forward(network, inputs), jit_compile=True)()
+            return tf.function(lambda batch: forward(network, batch), jit_compile=True)(inputs)
 
         # The compiled forward's HLO: how many convolutions XLA runs.
         forward_hlo = tf.function(lambda batch: fused_forward(module.network, batch), jit_compile=True) \
             .experimental_get_compiler_ir(images)(stage="hlo", device_name=tf.config.list_logical_devices("CPU")[0].name)
         convolutions = forward_hlo.count(" convolution(")
+        # Without XLA the fused call keeps one convolution and TensorFlow's MaxPool.
+        graph = tf.function(lambda batch: fused_forward(module.network, batch)).get_concrete_function(images).graph
+        result["graph_forward_ops"] = sorted(op.type for op in graph.get_operations()
+                                             if op.type in ("Conv2D", "MaxPool"))
     elif keras.backend.backend() == "jax":
         # Training runs the forward pass under jax.jit: compiled, as fit compiles it.
         import jax
@@ -552,7 +552,8 @@ def layer_calls(workdir: Path) -> dict:
                                     backend.loss_and_gradients(module, (images, labels))[1]))()
 
         def compiled_forward(network, inputs, forward=fused_forward):
-            return jax.jit(lambda: forward(network, inputs))()
+            # The inputs as an argument, not a constant XLA could fold the convolutions into.
+            return jax.jit(lambda batch: forward(network, batch))(inputs)
 
         convolutions = jax.jit(lambda batch: fused_forward(module.network, batch)).lower(images).as_text() \
             .count("stablehlo.convolution")

@@ -172,6 +172,9 @@ def test_forward_without_layer_wrappers_equals_calling_the_network(backend, back
         assert run["xla_other_forward_equal"], "a 5x5 kernel with 4x4 pooling fused wrongly under XLA"
         # Compiled, the fused call is four stride-2 convolutions, one per pooling offset.
         assert run["xla_forward_convolutions"] == 4, run["xla_forward_convolutions"]
+    if backend == "tensorflow":
+        # Without XLA (eager, or tf.function as on AVX-512 CPUs): one convolution and MaxPool.
+        assert run["graph_forward_ops"] == ["Conv2D", "MaxPool"], run["graph_forward_ops"]
 
 
 @pytest.mark.only_backends("tensorflow", reason="JAX always compiles with XLA and torch runs eagerly; only "

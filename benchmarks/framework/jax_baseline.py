@@ -10,14 +10,15 @@ and 100 timed steps at batch 128, a device sync before every clock read; median 
 ms/step. jax 0.10.2:
     pooling as reshape + max               79.6 (54-99)
     pooling as lax.reduce_window (stock)  192.7 (171-209)  2.4x slower
-    pooling as a strided pairwise maximum  57.5 (45-70)   kept: fastest, and what the
+    pooling as a strided pairwise maximum  57.5 (45-70)   kept then: fastest, and what the
         Keras model's TiledMaxPooling2D does.
 The convolution as one matrix product of the 3x3 patches (im2col) was tried too: faster
 in isolation (conv, relu and their gradients: 18.4 -> 13.6 ms under load), but a whole
 step was no faster (42.3 vs 41.7 ms, interleaved, quiet), so lax.conv stays.
-Later (AVX-512 host, quiet, jit-ed conv-to-loss gradient alone): the strided maximum over
-the full convolution 10.8 ms, the maximum of four stride-2 convolutions, one per pooling
-offset (conv_relu_pool), 6.0 ms: kept.
+Later (AVX-512 host, quiet, the jit-ed gradient from the convolution to a loss over the
+dense layers alone, a one-off timing, median of 60 calls, not a results file): the strided
+maximum over the full convolution 10.8 ms, the maximum of four stride-2 convolutions, one
+per pooling offset (conv_relu_pool), 6.0 ms: kept, on CPUs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from backends.layers import pooled_conv_windows
 from benchmarks.framework import BETA_1, BETA_2, EPSILON, PREDICT_BATCH_SIZE, PROBABILITY_EPSILON, TrainState
 
 NAME = "jax"
@@ -38,21 +40,21 @@ NAME = "jax"
 
 def conv_relu_pool(images, kernel, bias):
     """max_pool(relu(conv(images) + bias)) for a 2x2 pooling that tiles the "valid"
-    convolution exactly, computed as relu(max(conv_rc) + bias): conv_rc the stride-2
-    convolution of the input window whose output is the full convolution's strided
-    sub-grid (r, c), as the Keras path computes it (conv_relu_pool in
-    backends/jax_backend.py): the same values, and XLA:CPU's gradients of the four strided
-    convolutions cost much less than the full one's plus its sub-grids' (conv to loss
-    gradient, AVX-512 host: 10.8 -> 6.0 ms a step)."""
-    height, width = images.shape[1] - kernel.shape[0] + 1, images.shape[2] - kernel.shape[1] + 1
-    rows, columns = height - 2 + kernel.shape[0], width - 2 + kernel.shape[1]
-    tiles = [
-        jax.lax.conv_general_dilated(images[:, row : row + rows, column : column + columns, :], kernel, (2, 2),
-                                     "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        for row in range(2) for column in range(2)
-    ]
-    # ReLU after the pooling and the bias, over a quarter of the values: the same numbers
-    # (max commutes with ReLU and with adding the same bias).
+    convolution exactly, with the ReLU after the pooling and the bias, over a quarter of
+    the values (the same numbers: max commutes with ReLU and with adding the same bias), as
+    the Keras path computes it (conv_relu_pool in backends/jax_backend.py): on a CPU the
+    maximum of four stride-2 convolutions, one per pooling offset (the windows of
+    backends/layers.py pooled_conv_windows), elsewhere the full convolution and its strided
+    maximum."""
+    windows = pooled_conv_windows(images.shape, kernel.shape, 2) if jax.default_backend() == "cpu" else None
+    if windows is None:
+        features = jax.lax.conv_general_dilated(images, kernel, (1, 1), "VALID",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        tiles = [features[:, row::2, column::2, :] for row in range(2) for column in range(2)]
+    else:
+        tiles = [jax.lax.conv_general_dilated(images[:, rows, columns, :], kernel, (2, 2), "VALID",
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                 for rows, columns in windows]
     return jax.nn.relu(functools.reduce(jnp.maximum, tiles) + bias)
 
 

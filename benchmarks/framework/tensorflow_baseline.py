@@ -2,9 +2,10 @@
 
 One `tf.function` step over raw `tf.Variable`s, updated in place with `assign_*`. Compiled
 with XLA or not as the Keras path is on this machine (`default_jit_compile` in
-backends/tensorflow_backend.py, by CPU), with the convolution and pooling that suit each
-(conv_relu_pool): four strided convolutions and their maximum under XLA, the full
-convolution and TensorFlow's own MaxPool kernel without it.
+backends/tensorflow_backend.py, by CPU), with the convolution and pooling that suit each,
+as the Keras path computes them (`pooled_relu_conv` there): four strided convolutions and
+their maximum under XLA on a CPU, the full convolution and TensorFlow's own MaxPool kernel
+without XLA.
 
 Measured on CPU (2 cores shared with other jobs, load average ~5, so absolute times
 are inflated; compare within this table only). Variants ran interleaved in one
@@ -14,8 +15,11 @@ ms/step. tensorflow 2.21.0:
     jit_compile=True,  reshape + reduce_max   59.1 (47-71)
     jit_compile=False, reshape + reduce_max  114.3 (100-133)  1.9x slower
     for reference, with tf.nn.max_pool2d: 193.8 (169-237) with XLA, 57.8 (48-73) without;
-    with a strided pairwise maximum: 54.1 (42-71) with XLA (kept: fastest, and what the
+    with a strided pairwise maximum: 54.1 (42-71) with XLA (kept then: fastest, and what the
     Keras model's TiledMaxPooling2D does), 175.2 (158-215) without.
+Later, under XLA on a CPU, four stride-2 convolutions (one per pooling offset) and their
+maximum replaced the full convolution and its strided maximum (`pooled_relu_conv` in
+backends/tensorflow_backend.py says why).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from backends.tensorflow_backend import default_jit_compile
+from backends.tensorflow_backend import default_jit_compile, pooled_relu_conv
 from benchmarks.framework import BETA_1, BETA_2, EPSILON, PREDICT_BATCH_SIZE, TrainState
 
 NAME = "tensorflow"
@@ -36,31 +40,11 @@ JIT_COMPILE = default_jit_compile()
 # ---------------------------------------------------------------------- network
 
 
-def conv_relu_pool(images, kernel, bias):
-    """max_pool(relu(conv(images) + bias)) for a 2x2 pooling that tiles the "valid"
-    convolution exactly, computed as the Keras path does (conv_relu_pool in
-    backends/tensorflow_backend.py), with the ReLU after the pooling, over a quarter of
-    the values (the same numbers: max commutes with ReLU and with adding the same bias).
-    Without XLA: the full convolution and TensorFlow's own MaxPool kernel. Under XLA:
-    relu(max(conv_rc) + bias), conv_rc the stride-2 convolution of the input window whose
-    output is the full convolution's strided sub-grid (r, c): XLA lowers MaxPool's
-    gradient to a scalar loop nest, and its gradients of the four strided convolutions
-    cost less than the full one's plus the strided maximum's (conv to loss gradient,
-    AVX-512 host: 10.0-11.0 -> 7.0-7.8 ms)."""
-    if not JIT_COMPILE:
-        features = tf.nn.conv2d(images, kernel, strides=1, padding="VALID") + bias
-        return tf.nn.relu(tf.nn.max_pool2d(features, 2, 2, "VALID"))
-    height, width = images.shape[1] - kernel.shape[0] + 1, images.shape[2] - kernel.shape[1] + 1
-    rows, columns = height - 2 + kernel.shape[0], width - 2 + kernel.shape[1]
-    tiles = [tf.nn.conv2d(images[:, row : row + rows, column : column + columns, :], kernel, strides=2, padding="VALID")
-             for row in range(2) for column in range(2)]
-    return tf.nn.relu(functools.reduce(tf.maximum, tiles) + bias)
-
-
 def forward(params, images):
     """Logits (N,10) of NHWC `images`."""
     conv_kernel, conv_bias, dense_kernel, dense_bias, output_kernel, output_bias = params
-    x = conv_relu_pool(images, conv_kernel, conv_bias)
+    # The Keras path's own computation of the convolution, ReLU and pooling (XLA or not).
+    x = pooled_relu_conv(images, conv_kernel, conv_bias, 2)
     # NHWC flatten, the order of Keras' channels_last Flatten, so dense_kernel fits as is.
     x = tf.reshape(x, (-1, x.shape[1] * x.shape[2] * x.shape[3]))
     x = tf.nn.relu(tf.matmul(x, dense_kernel) + dense_bias)
@@ -122,15 +106,15 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, e
 
 class Baseline:
     def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, jit_compile: bool = JIT_COMPILE):
         self.state = state
         step = functools.partial(train_step, state, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum,
                                  label_smoothing=label_smoothing)
         # A tf.function returns the values of variables, not the variables: keep the loss only.
-        self._step = tf.function(lambda images, labels: step(images, labels)[0], jit_compile=JIT_COMPILE,
+        self._step = tf.function(lambda images, labels: step(images, labels)[0], jit_compile=jit_compile,
                                  reduce_retracing=True)
         self._predict = tf.function(lambda images: tf.nn.softmax(forward(self.trained_params(), images)),
-                                    jit_compile=JIT_COMPILE, reduce_retracing=True)
+                                    jit_compile=jit_compile, reduce_retracing=True)
 
     def train_step(self, images, labels):
         """One Adam step on a batch; returns the loss, still on the device (no sync)."""
@@ -167,11 +151,12 @@ class Baseline:
 
 
 def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_momentum: float | None = None,
-          label_smoothing: float = 0.0) -> Baseline:
+          label_smoothing: float = 0.0, jit_compile: bool | None = None) -> Baseline:
     """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
     learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0, and
     a moving average of the weights with `ema_momentum`, and the cross-entropy against
-    labels smoothed by `label_smoothing` (model/module.py sparse_crossentropy)."""
+    labels smoothed by `label_smoothing` (model/module.py sparse_crossentropy), its steps
+    compiled by XLA when `jit_compile` (None: as the Keras path on this machine)."""
     params = [tf.Variable(np.asarray(w, dtype=np.float32)) for w in weights]
     state = TrainState(
         params=params,
@@ -180,4 +165,5 @@ def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_moment
         iterations=tf.Variable(0, dtype=tf.int64),
         averages=None if ema_momentum is None else [tf.Variable(tf.zeros_like(w)) for w in params],
     )
-    return Baseline(state, lr, decay_steps, ema_momentum, label_smoothing)
+    return Baseline(state, lr, decay_steps, ema_momentum, label_smoothing,
+                    JIT_COMPILE if jit_compile is None else jit_compile)
