@@ -160,9 +160,10 @@ def pooled_relu_conv(inputs, kernel, bias, pool_size: int):
 
 def pooled_conv_windows(inputs, kernel, pool_size: int):
     """layers.pooled_conv_windows where the strided convolutions were measured faster: in
-    a graph XLA compiles, with no GPU; else None."""
-    if tf.config.list_physical_devices("GPU") or not control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()):
+    a graph XLA compiles, with no GPU; else None. (The XLA check first: an eager step calls
+    this at every step and stops there.)"""
+    if not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()) \
+            or tf.config.list_physical_devices("GPU"):
         return None
     return layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size)
 
