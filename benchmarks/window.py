@@ -80,8 +80,12 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     module, datamodule, trainer = prepare_run(config.replace(epochs=1, limit_train_batches=steps))
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
     # Every feed (the generator on JAX and torch, tf.data on TensorFlow) takes its epoch
-    # from train_epoch: from now on, the prepared arrays.
+    # from epoch_pieces (made ahead by a background thread) or train_epoch: from now on,
+    # the prepared arrays, in the same pieces, with no thread augmenting beside the window.
+    piece = datamodule.piece_images
     datamodule.train_epoch = lambda epoch: (images, labels)
+    datamodule.epoch_pieces = lambda epoch: ((images[start : start + piece], labels[start : start + piece])
+                                             for start in range(0, len(images), piece))
     datamodule.x_val, datamodule.y_val = datamodule.x_val[:0], datamodule.y_val[:0]
     step_ends = []
     barrier = worker_barrier(trainer.engine)

@@ -25,11 +25,13 @@ import hashlib
 import io
 import os
 import pickle
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -391,6 +393,10 @@ def shift_images(images: np.ndarray, shifts: np.ndarray, index: np.ndarray | Non
     return moved
 
 
+# Images per piece of an EpochStream, at least: about 40 ms of warping on a 2-core host.
+PIECE_IMAGES = 2048
+
+
 def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shifts: np.ndarray,
                 index: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
     """Rotate (radians), scale and shift (pixels, may be fractional) each image about its
@@ -457,6 +463,8 @@ class MNISTDataModule:
     # Leave out an epoch's last, smaller batch (data-parallel runs: every batch must
     # split evenly over the replicas). The order of the batches kept is unchanged.
     drop_last: bool = False
+    # Open EpochStreams (stream()), stopped by teardown().
+    _streams: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def setup(self, arrays: Arrays | None = None) -> "MNISTDataModule":
         (x_train, y_train), (x_test, y_test) = verify_mnist(arrays) if arrays else load_mnist(self.path)
@@ -486,30 +494,138 @@ class MNISTDataModule:
 
     def train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole (shuffled, augmented, limited) training data of one epoch."""
+        plan = self._epoch_plan(epoch)
+        return self._epoch_images(plan, 0, len(plan["order"])), self.y_train[plan["order"]]
+
+    def _epoch_plan(self, epoch: int) -> dict:
+        """Epoch `epoch`'s order (limited) and each image's augmentation, drawn from the seed."""
         order = self.epoch_order(epoch)[: self.steps_per_epoch * self.batch_size]
-        if self.rotation_degrees or self.zoom:
-            rng = np.random.default_rng([self.seed, epoch, 2])
-            count = len(self.x_train)
-            angles = np.deg2rad(rng.uniform(-self.rotation_degrees, self.rotation_degrees, count))
-            scales = rng.uniform(1.0 - self.zoom, 1.0 + self.zoom, count)
-            shifts = rng.uniform(-self.shift_pixels, self.shift_pixels, (count, 2))
-            images = warp_images(self.x_train, angles[: len(order)], scales[: len(order)], shifts[: len(order)], index=order)
-        else:
-            images = shift_images(self.x_train, self.epoch_shifts(epoch)[: len(order)], index=order)
-        return images, self.y_train[order]
+        if not (self.rotation_degrees or self.zoom):
+            return {"order": order, "shifts": self.epoch_shifts(epoch)[: len(order)]}
+        rng = np.random.default_rng([self.seed, epoch, 2])
+        count = len(self.x_train)
+        angles = np.deg2rad(rng.uniform(-self.rotation_degrees, self.rotation_degrees, count))
+        scales = rng.uniform(1.0 - self.zoom, 1.0 + self.zoom, count)
+        shifts = rng.uniform(-self.shift_pixels, self.shift_pixels, (count, 2))
+        return {"order": order, "angles": angles[: len(order)], "scales": scales[: len(order)],
+                "shifts": shifts[: len(order)]}
+
+    def _epoch_images(self, plan: dict, start: int, stop: int) -> np.ndarray:
+        """The augmented images at positions start to stop - 1 of a planned epoch."""
+        part = slice(start, stop)
+        if "angles" not in plan:
+            return shift_images(self.x_train, plan["shifts"][part], index=plan["order"][part])
+        return warp_images(self.x_train, plan["angles"][part], plan["scales"][part], plan["shifts"][part],
+                           index=plan["order"][part])
 
     def train_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         images, labels = self.train_epoch(epoch)
         for start in range(0, len(images), self.batch_size):
             yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
 
+    @property
+    def piece_images(self) -> int:
+        """Images in each of epoch_pieces' pieces (the last may be shorter): whole batches,
+        at least PIECE_IMAGES."""
+        return self.batch_size * -(-PIECE_IMAGES // self.batch_size)
+
+    @property
+    def pieces_per_epoch(self) -> int:
+        return -(-min(self.steps_per_epoch * self.batch_size, len(self.x_train)) // self.piece_images)
+
+    def epoch_pieces(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """train_epoch(epoch)'s (images, labels) in pieces_per_epoch pieces of piece_images,
+        in order: what EpochStream makes ahead. Each image is computed on its own, so the
+        pieces hold exactly train_epoch's values (tested)."""
+        plan = self._epoch_plan(epoch)
+        count = len(plan["order"])
+        for start in range(0, count, self.piece_images):
+            stop = min(start + self.piece_images, count)
+            yield self._epoch_images(plan, start, stop), self.y_train[plan["order"][start:stop]]
+
+    def stream(self, first_epoch: int, stop_epoch: int) -> "EpochStream":
+        """Epochs first_epoch to stop_epoch - 1, made ahead by a background thread that
+        teardown() stops (the Trainer calls it when fit ends)."""
+        stream = EpochStream(self, first_epoch, stop_epoch)
+        self._streams = [open_stream for open_stream in self._streams if not open_stream.closed] + [stream]
+        return stream
+
+    def teardown(self) -> None:
+        """Stop the background threads of this module's streams (Lightning's hook of the name)."""
+        while self._streams:
+            self._streams.pop().close()
+
     def batches_from(self, first_epoch: int, stop_epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Training batches of epochs first_epoch, first_epoch + 1, ..., stop_epoch - 1: what
         fit() consumes on JAX and torch. (A generator, not a PyDataset: Keras' adapters
         may peek and prefetch PyDataset items out of order; a generator is consumed
-        strictly in order, so the batches of epoch e are exactly train_batches(e).)"""
-        for epoch in range(first_epoch, stop_epoch):
-            yield from self.train_batches(epoch)
+        strictly in order, so the batches of epoch e are exactly train_batches(e).)
+        The augmentation runs ahead in a background thread (`stream`), beside the steps."""
+        with self.stream(first_epoch, stop_epoch) as stream:
+            for _, _, images, labels in stream.pieces():
+                for start in range(0, len(images), self.batch_size):
+                    yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
+
+
+class EpochStream:
+    """Epochs first_epoch to stop_epoch - 1 of a data module, augmented by a background
+    thread piece by piece (`epoch_pieces`), at most one epoch ahead of what was consumed:
+    training starts after one piece instead of a whole epoch, and each later epoch is
+    ready when the one before it ends. numpy releases the GIL in its array loops, so the
+    thread runs beside the training steps. close() (or leaving a `with` block) stops it.
+
+        with datamodule.stream(0, 2) as stream:
+            for epoch, index, images, labels in stream.pieces(): ...
+    """
+
+    def __init__(self, datamodule: "MNISTDataModule", first_epoch: int, stop_epoch: int):
+        self.datamodule, self.first_epoch, self.stop_epoch = datamodule, first_epoch, stop_epoch
+        # One epoch ahead, and the piece in use.
+        self._queue: queue.Queue = queue.Queue(maxsize=datamodule.pieces_per_epoch + 1)
+        self._stop = threading.Event()
+        self.closed = False
+        self._thread = threading.Thread(target=self._produce, name="mnist-augmentation", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for epoch in range(self.first_epoch, self.stop_epoch):
+                for index, (images, labels) in enumerate(self.datamodule.epoch_pieces(epoch)):
+                    if not self._put((epoch, index, images, labels)):
+                        return
+            self._put(None)
+        except BaseException as error:  # handed to the consumer, which raises it
+            self._put(error)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pieces(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """(epoch, index in the epoch, images, labels) of every piece, in order."""
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread (it ends within one piece) and drop what it made."""
+        self.closed = True
+        self._stop.set()
+        self._thread.join()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def __enter__(self) -> "EpochStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def datamodule_from(config: TrainConfig, **changes) -> MNISTDataModule:

@@ -285,6 +285,7 @@ class Trainer:
                 raise NonFiniteLossError(f"{error}; {note}") from None
             finally:
                 interrupt.uninstall()
+                datamodule.teardown()  # the augmentation thread, should fit end before the data
         elif resume and getattr(module.optimizer, "use_ema", False):
             # Trained to the end, killed before its outputs were written: put the weight
             # average in place, as fit() does when it ends.

@@ -71,19 +71,20 @@ def short_training(workdir: Path) -> dict:
 @check
 def training_data(workdir: Path) -> dict:
     """What the backend's fit() is fed (backends/<backend>_backend.py training_data) against
-    the data module's own batches: epochs 1 and 2 of 3 batches, with the augmentation on
-    and a smaller last batch."""
+    the data module's own batches: epochs 1 and 2 of 45 batches (3 pieces made ahead:
+    2100, 2100 and 250 images), with the augmentation on and a smaller last batch."""
     import numpy as np
 
     from backends import backend_module
     from model.data import MNISTDataModule
 
-    datamodule = MNISTDataModule(batch_size=100, seed=3, limit_train_batches=3, rotation_degrees=10.0, zoom=0.1)
+    datamodule = MNISTDataModule(batch_size=100, seed=3, rotation_degrees=10.0, zoom=0.1)
     datamodule.setup()
-    datamodule.x_train, datamodule.y_train = datamodule.x_train[:250], datamodule.y_train[:250]
+    datamodule.x_train, datamodule.y_train = datamodule.x_train[:4450], datamodule.y_train[:4450]
     fed = [[np.asarray(part) for part in batch] for batch in backend_module().training_data(datamodule, 1, 3)]
     expected = list(datamodule.batches_from(1, 3))
     return {
+        "pieces_per_epoch": datamodule.pieces_per_epoch,
         "batch_sizes": [len(labels) for _, labels in fed],
         "expected_batch_sizes": [len(labels) for _, labels in expected],
         "dtypes": sorted({str(part.dtype) for batch in fed for part in batch}),
@@ -270,6 +271,20 @@ class _StopAfterEpoch(__import__("keras").callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch + 1 >= self.epochs:
             self.model.stop_training = True
+
+
+@check
+def augmentation_thread(workdir: Path) -> dict:
+    """A fit() stopped after the first of 8 epochs, by a callback as --target-accuracy stops
+    it: the data module's augmentation thread, which runs one epoch ahead of the steps
+    (blocked on its full queue by then), must not outlive it."""
+    import threading
+
+    from model.trainer import Trainer
+
+    datamodule = _datamodule(limit_train_batches=10)
+    Trainer(max_epochs=8, callbacks=[_StopAfterEpoch(1)], verbose=0).fit(_module(lr=1e-3, decay_steps=80), datamodule)
+    return {"threads_left": [thread.name for thread in threading.enumerate() if thread.name == "mnist-augmentation"]}
 
 
 @check

@@ -46,11 +46,19 @@ def test_short_training_on_real_mnist_learns(backend, backend_results):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fit_is_fed_the_data_modules_batches_in_order(backend, backend_results):
     fed = check_value(backend_results(backend), "training_data")
-    # 250 images, batches of 100: 100, 100, 50 per epoch, for epochs 1 and 2.
-    assert fed["expected_batch_sizes"] == [100, 100, 50] * 2
+    # 4,450 images, batches of 100: 44 of 100 and one of 50 per epoch, for epochs 1 and 2,
+    # made ahead in 3 pieces per epoch.
+    assert fed["expected_batch_sizes"] == ([100] * 44 + [50]) * 2 and fed["pieces_per_epoch"] == 3
     assert fed["batch_sizes"] == fed["expected_batch_sizes"]
     assert fed["dtypes"] == ["float32", "int32"]
     assert fed["all_equal"], "the batches fit() is fed differ from MNISTDataModule.batches_from's"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fit_stopped_early_leaves_no_augmentation_thread(backend, backend_results):
+    # The Trainer's teardown stops it: tf.data keeps the feed's Python function (and its
+    # stream) alive after fit, and a generator is closed only when collected.
+    assert check_value(backend_results(backend), "augmentation_thread")["threads_left"] == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

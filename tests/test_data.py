@@ -679,3 +679,63 @@ def test_importing_data_module_loads_no_framework():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- made ahead
+
+
+@pytest.mark.parametrize("settings", [
+    {"batch_size": 128, "limit_train_batches": 40},  # the recipe's warp, pieces of 2048
+    {"batch_size": 100, "limit_train_batches": 30},  # pieces of 2100, a short last one
+    {"batch_size": 96, "rotation_degrees": 0.0, "zoom": 0.0, "limit_train_batches": 50},  # whole-pixel shifts
+], ids=["warp-128", "warp-100", "shift-96"])
+def test_streamed_epochs_are_train_epochs(mnist_arrays, settings):
+    """What fit() is fed, made ahead by the background thread in pieces, is exactly
+    train_epoch's data, epoch by epoch and batch by batch."""
+    module = MNISTDataModule(seed=5, **settings).setup(mnist_arrays)
+    assert len(module.train_epoch(1)[0]) > module.piece_images  # more than one piece per epoch
+    with module.stream(1, 3) as stream:
+        pieces = list(stream.pieces())
+    assert [(epoch, index) for epoch, index, _, _ in pieces] == [
+        (epoch, index) for epoch in (1, 2) for index in range(module.pieces_per_epoch)]
+    for epoch in (1, 2):
+        expected_images, expected_labels = module.train_epoch(epoch)
+        np.testing.assert_array_equal(np.concatenate([p[2] for p in pieces if p[0] == epoch]), expected_images)
+        np.testing.assert_array_equal(np.concatenate([p[3] for p in pieces if p[0] == epoch]), expected_labels)
+    batches = list(module.batches_from(1, 3))
+    expected = [batch for epoch in (1, 2) for batch in module.train_batches(epoch)]
+    assert len(batches) == len(expected) == 2 * module.steps_per_epoch
+    for (images, labels), (expected_images, expected_labels) in zip(batches, expected):
+        np.testing.assert_array_equal(images, expected_images)
+        np.testing.assert_array_equal(labels, expected_labels)
+
+
+def _augmentation_threads():
+    import threading
+
+    return [thread for thread in threading.enumerate() if thread.name == "mnist-augmentation"]
+
+
+def test_stream_stops_when_closed_early_and_teardown_stops_the_rest(mnist_arrays):
+    module = MNISTDataModule(seed=0).setup(mnist_arrays)
+    batches = module.batches_from(0, 30)
+    next(batches)
+    batches.close()  # fit stopped after one step: its generator is closed
+    left = module.stream(0, 30)  # a feed nobody closes (tf.data keeps its Python function)
+    next(left.pieces())
+    assert left._thread.is_alive()
+    module.teardown()
+    assert not left._thread.is_alive() and not _augmentation_threads()
+
+
+def test_stream_hands_an_augmentation_error_to_the_consumer(mnist_arrays):
+    module = MNISTDataModule(seed=0, limit_train_batches=40).setup(mnist_arrays)
+
+    def broken(plan, start, stop):
+        raise MemoryError(f"no room for images {start}-{stop}")
+
+    module._epoch_images = broken
+    with pytest.raises(MemoryError, match="no room for images 0-2048"):
+        next(module.batches_from(0, 2))
+    module.teardown()
+    assert not _augmentation_threads()
