@@ -48,11 +48,13 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
 class CNNModule(keras.Model):
     def __init__(self, lr: float = TrainConfig.lr, decay_steps: int | None = None, pooling: str = TrainConfig.pooling,
                  step: str = TrainConfig.step, ema_momentum: float | None = TrainConfig.ema_momentum,
-                 warmup_steps: int = 0, label_smoothing: float = TrainConfig.label_smoothing, **kwargs):
+                 warmup_steps: int = 0, label_smoothing: float = TrainConfig.label_smoothing,
+                 adam_betas: tuple[float, float] = (TrainConfig.adam_beta_1, TrainConfig.adam_beta_2), **kwargs):
         """`decay_steps`: the updates over which the learning rate falls to 0 along a
         cosine; 0 keeps it constant; None: the whole run, which the Trainer sets when it
         compiles the module (epochs times batches per epoch, after limit_train_batches).
-        `warmup_steps`: the first of them, a linear rise from 0 to lr."""
+        `warmup_steps`: the first of them, a linear rise from 0 to lr. `adam_betas`: Adam's
+        (beta_1, beta_2)."""
         super().__init__(**kwargs)
         if step not in STEPS:
             raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
@@ -60,6 +62,7 @@ class CNNModule(keras.Model):
         self.decay_steps = None if decay_steps is None else int(decay_steps)
         self.warmup_steps = int(warmup_steps)
         self.label_smoothing = float(label_smoothing)
+        self.adam_betas = tuple(float(beta) for beta in adam_betas)
         self.pooling = pooling
         self.step = step
         self.ema_momentum = ema_momentum
@@ -95,9 +98,11 @@ class CNNModule(keras.Model):
                 0.0, max(self.decay_steps - self.warmup_steps, 1), warmup_target=self.lr, warmup_steps=self.warmup_steps)
         elif self.decay_steps > 0:
             learning_rate = keras.optimizers.schedules.CosineDecay(self.lr, self.decay_steps)
+        beta_1, beta_2 = self.adam_betas
         if self.ema_momentum is None:
-            return keras.optimizers.Adam(learning_rate=learning_rate)
-        return keras.optimizers.Adam(learning_rate=learning_rate, use_ema=True, ema_momentum=self.ema_momentum)
+            return keras.optimizers.Adam(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2)
+        return keras.optimizers.Adam(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, use_ema=True,
+                                     ema_momentum=self.ema_momentum)
 
     def configure(self, jit_compile="auto", steps_per_execution: int = 1) -> "CNNModule":
         """Compile with this module's optimizer, loss and accuracy metric."""
@@ -153,6 +158,7 @@ class CNNModule(keras.Model):
             "decay_steps": self.decay_steps,
             "warmup_steps": self.warmup_steps,
             "label_smoothing": self.label_smoothing,
+            "adam_betas": list(self.adam_betas),
             "pooling": self.pooling,
             "step": self.step,
             "ema_momentum": self.ema_momentum,
@@ -162,7 +168,7 @@ class CNNModule(keras.Model):
     def from_config(cls, config, custom_objects=None):
         # A module saved before label smoothing existed has no such key and trained without
         # it: fill it with that value, not today's default (TrainConfig's), so that a resume
-        # keeps the run's maths. (warmup_steps needs no filling: its default, 0, is the
-        # value those runs had.)
+        # keeps the run's maths. (warmup_steps and adam_betas need no filling: their
+        # defaults are the values those runs had.)
         config = {"label_smoothing": RUN_SETTINGS_ADDED["label_smoothing"], **config}
         return super().from_config(config, custom_objects=custom_objects)

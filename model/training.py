@@ -110,6 +110,7 @@ def prepare_run(config: TrainConfig):
     with engine.scope() if engine is not None else contextlib.nullcontext():
         # decay_steps left to the Trainer: the cosine spans the run it trains.
         module = CNNModule(lr=config.lr, warmup_steps=round(config.warmup_epochs * datamodule.steps_per_epoch),
+                           adam_betas=(config.adam_beta_1, config.adam_beta_2),
                            label_smoothing=config.label_smoothing, pooling=config.pooling, step=config.step,
                            ema_momentum=config.ema_momentum)
         # Weights drawn with numpy: every backend starts from the same numbers for a seed.

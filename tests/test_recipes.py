@@ -113,8 +113,12 @@ def test_a_recipes_values_reach_run_json_and_explicit_flags_win(recipe_runs):
     # And the module that trained got them: its warm-up counted in the limited epoch's
     # steps (0.3 of 2 batches: 1 step; the module's saved config).
     with zipfile.ZipFile(output / "checkpoints" / "last.keras") as archive:
-        module = json.loads(archive.read("config.json"))["config"]
+        saved = json.loads(archive.read("config.json"))
+    module, optimizer = saved["config"], saved["compile_config"]["optimizer"]["config"]
     assert module["warmup_steps"] == round(RECIPES["fast"]["warmup_epochs"] * 2) == 1
+    # Adam's betas: the module's and the optimizer it compiled with.
+    betas = [RECIPES["fast"]["adam_beta_1"], RECIPES["fast"]["adam_beta_2"]]
+    assert module["adam_betas"] == [optimizer["beta_1"], optimizer["beta_2"]] == betas != [0.9, 0.999]
 
 
 def test_prepare_run_gives_the_module_the_configs_smoothing_and_warm_up(recipe_runs):
