@@ -82,17 +82,24 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     per_epoch = datamodule.pieces_per_epoch
     # Made ahead by the data module's background thread, in order; the Trainer stops it.
     streamed = datamodule.stream(first_epoch, stop_epoch).pieces()
+    ahead = []  # a streamed piece beyond the one asked for, kept for its call
 
     def piece_arrays(number):
         wanted = (first_epoch + int(number) // per_epoch, int(number) % per_epoch)
-        for epoch, index, images, labels in streamed:
-            if (epoch, index) == wanted:
+        for epoch, index, images, labels in itertools.chain(ahead, streamed):
+            ahead.clear()
+            if (epoch, index) >= wanted:
                 break
-        else:  # a piece the stream has passed (should tf.data start an iterator again)
-            images, labels = next(itertools.islice(datamodule.epoch_pieces(wanted[0]), wanted[1], None))
+        else:
+            epoch = index = None
+        if (epoch, index) != wanted:  # not from the stream (tf.data started an iterator again)
+            if epoch is not None:
+                ahead.append((epoch, index, images, labels))
+            images, labels = datamodule.epoch_piece(*wanted)
         return images.astype(np.float32, copy=False), labels.astype(np.int32, copy=False)
 
     def piece_batches(number):
+        # stateful=False: the values are a function of `number` alone, from the stream or not.
         images, labels = tf.numpy_function(piece_arrays, [number], (tf.float32, tf.int32), stateful=False)
         images.set_shape(image_shape)
         labels.set_shape((None,))

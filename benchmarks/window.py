@@ -84,8 +84,10 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     # the prepared arrays, in the same pieces, with no thread augmenting beside the window.
     piece = datamodule.piece_images
     datamodule.train_epoch = lambda epoch: (images, labels)
-    datamodule.epoch_pieces = lambda epoch: ((images[start : start + piece], labels[start : start + piece])
-                                             for start in range(0, len(images), piece))
+    datamodule.epoch_piece = lambda epoch, index: (images[index * piece : (index + 1) * piece],
+                                                   labels[index * piece : (index + 1) * piece])
+    datamodule.epoch_pieces = lambda epoch: (datamodule.epoch_piece(epoch, index)
+                                             for index in range(-(-len(images) // piece)))
     datamodule.x_val, datamodule.y_val = datamodule.x_val[:0], datamodule.y_val[:0]
     step_ends = []
     barrier = worker_barrier(trainer.engine)

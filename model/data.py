@@ -538,10 +538,17 @@ class MNISTDataModule:
         in order: what EpochStream makes ahead. Each image is computed on its own, so the
         pieces hold exactly train_epoch's values (tested)."""
         plan = self._epoch_plan(epoch)
-        count = len(plan["order"])
-        for start in range(0, count, self.piece_images):
-            stop = min(start + self.piece_images, count)
-            yield self._epoch_images(plan, start, stop), self.y_train[plan["order"][start:stop]]
+        for index in range(self.pieces_per_epoch):
+            yield self._epoch_piece(plan, index)
+
+    def epoch_piece(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Piece `index` of epoch_pieces(epoch) alone."""
+        return self._epoch_piece(self._epoch_plan(epoch), index)
+
+    def _epoch_piece(self, plan: dict, index: int) -> tuple[np.ndarray, np.ndarray]:
+        start = index * self.piece_images
+        stop = min(start + self.piece_images, len(plan["order"]))
+        return self._epoch_images(plan, start, stop), self.y_train[plan["order"][start:stop]]
 
     def stream(self, first_epoch: int, stop_epoch: int) -> "EpochStream":
         """Epochs first_epoch to stop_epoch - 1, made ahead by a background thread that
@@ -614,12 +621,15 @@ class EpochStream:
             yield item
 
     def close(self) -> None:
-        """Stop the thread (it ends within one piece) and drop what it made."""
+        """Stop the thread (it ends within one piece) and drop what it made; a consumer still
+        asking for pieces (tf.data's prefetch thread) is told the stream has ended."""
         self.closed = True
         self._stop.set()
-        self._thread.join()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
         while not self._queue.empty():
             self._queue.get_nowait()
+        self._queue.put_nowait(None)
 
     def __enter__(self) -> "EpochStream":
         return self

@@ -168,7 +168,8 @@ class CNNModule(keras.Model):
     def from_config(cls, config, custom_objects=None):
         # A module saved before label smoothing existed has no such key and trained without
         # it: fill it with that value, not today's default (TrainConfig's), so that a resume
-        # keeps the run's maths. (warmup_steps and adam_betas need no filling: their
-        # defaults are the values those runs had.)
-        config = {"label_smoothing": RUN_SETTINGS_ADDED["label_smoothing"], **config}
+        # keeps the run's maths; the same for Adam's betas. (warmup_steps needs no filling:
+        # its default, 0, is the value those runs had.)
+        config = {"label_smoothing": RUN_SETTINGS_ADDED["label_smoothing"],
+                  "adam_betas": [RUN_SETTINGS_ADDED["adam_beta_1"], RUN_SETTINGS_ADDED["adam_beta_2"]], **config}
         return super().from_config(config, custom_objects=custom_objects)

@@ -245,10 +245,8 @@ class Trainer:
         interrupt = StopOnInterrupt()
         callbacks = [StopOnNonFiniteLoss(), interrupt, self.timer]
         validation = (datamodule.x_val, datamodule.y_val) if len(datamodule.x_val) else None
-        data = BACKEND.training_data(datamodule, initial_epoch, self.max_epochs)
         if self.engine is not None:
             self.engine.replicate(module)
-            data = self.engine.local_batches(data)
             if validation is not None:
                 callbacks.insert(0, ValidateUnsharded(self.engine, *validation, self.eval_batch_size))
                 validation = None
@@ -263,6 +261,10 @@ class Trainer:
         if initial_epoch < self.max_epochs:
             interrupt.install()
             try:
+                # Inside the try: the feed may start the data module's augmentation thread.
+                data = BACKEND.training_data(datamodule, initial_epoch, self.max_epochs)
+                if self.engine is not None:
+                    data = self.engine.local_batches(data)
                 module.fit(
                     data,
                     steps_per_epoch=datamodule.steps_per_epoch,
@@ -285,7 +287,7 @@ class Trainer:
                 raise NonFiniteLossError(f"{error}; {note}") from None
             finally:
                 interrupt.uninstall()
-                datamodule.teardown()  # the augmentation thread, should fit end before the data
+                datamodule.teardown()  # the augmentation thread, however fit ended
         elif resume and getattr(module.optimizer, "use_ema", False):
             # Trained to the end, killed before its outputs were written: put the weight
             # average in place, as fit() does when it ends.

@@ -81,10 +81,20 @@ def training_data(workdir: Path) -> dict:
     datamodule = MNISTDataModule(batch_size=100, seed=3, rotation_degrees=10.0, zoom=0.1)
     datamodule.setup()
     datamodule.x_train, datamodule.y_train = datamodule.x_train[:4450], datamodule.y_train[:4450]
+    # Which pieces came from the stream (one epoch_pieces call per epoch, made ahead) and
+    # which were made on the spot (epoch_piece: the feed's fallback).
+    calls = {"epoch_pieces": 0, "epoch_piece": 0}
+    for name in calls:
+        def counted(*args, _made=getattr(datamodule, name), _name=name):
+            calls[_name] += 1
+            return _made(*args)
+        setattr(datamodule, name, counted)
     fed = [[np.asarray(part) for part in batch] for batch in backend_module().training_data(datamodule, 1, 3)]
+    fed_calls = dict(calls)
     expected = list(datamodule.batches_from(1, 3))
     return {
         "pieces_per_epoch": datamodule.pieces_per_epoch,
+        "calls": fed_calls,
         "batch_sizes": [len(labels) for _, labels in fed],
         "expected_batch_sizes": [len(labels) for _, labels in expected],
         "dtypes": sorted({str(part.dtype) for batch in fed for part in batch}),

@@ -49,6 +49,7 @@ def test_fit_is_fed_the_data_modules_batches_in_order(backend, backend_results):
     # 4,450 images, batches of 100: 44 of 100 and one of 50 per epoch, for epochs 1 and 2,
     # made ahead in 3 pieces per epoch.
     assert fed["expected_batch_sizes"] == ([100] * 44 + [50]) * 2 and fed["pieces_per_epoch"] == 3
+    assert fed["calls"] == {"epoch_pieces": 2, "epoch_piece": 0}  # every piece from the stream
     assert fed["batch_sizes"] == fed["expected_batch_sizes"]
     assert fed["dtypes"] == ["float32", "int32"]
     assert fed["all_equal"], "the batches fit() is fed differ from MNISTDataModule.batches_from's"

@@ -739,3 +739,27 @@ def test_stream_hands_an_augmentation_error_to_the_consumer(mnist_arrays):
         next(module.batches_from(0, 2))
     module.teardown()
     assert not _augmentation_threads()
+
+
+def test_closing_a_stream_wakes_a_consumer_waiting_for_a_piece(mnist_arrays):
+    """tf.data's prefetch thread may be waiting for the next piece when the Trainer's
+    teardown closes the stream: it must get the stream's end, not wait forever."""
+    import threading
+    import time
+
+    module = MNISTDataModule(seed=0, limit_train_batches=40).setup(mnist_arrays)
+    making = module._epoch_images
+
+    def slow(plan, start, stop):
+        time.sleep(0.5)
+        return making(plan, start, stop)
+
+    module._epoch_images = slow
+    stream = module.stream(0, 2)
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(stream.pieces()), daemon=True)
+    consumer.start()
+    time.sleep(0.1)  # the consumer waits: the first piece takes 0.5 s
+    module.teardown()
+    consumer.join(timeout=10)
+    assert not consumer.is_alive() and len(got) <= 1
