@@ -45,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=positive_int, default=None, metavar="R",
                         help=f"rounds of every training and predict cell (default: {MODES['full']['rounds']}; "
                              f"with --quick, R rounds of 1-device keras-fit and its baseline, the other cells once); "
-                             f"time-to-accuracy cells run {MODES['full']['time_to_accuracy_rounds']}")
+                             f"time-to-accuracy cells: --time-to-accuracy-rounds")
+    parser.add_argument("--time-to-accuracy-rounds", type=positive_int, default=None, metavar="R",
+                        help=f"rounds of every time-to-accuracy cell, each a whole training run "
+                             f"(default: {MODES['full']['time_to_accuracy_rounds']})")
     parser.add_argument("--order-seed", type=int, default=None, metavar="N",
                         help="seed of the cells' order in each round (default: a random one, recorded)")
     parser.add_argument("--target-accuracy", type=accuracy_fraction, default=None, metavar="A",
@@ -83,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--device-counts {','.join(map(str, args.device_counts))} with --paths {','.join(args.paths)} "
                      f"leaves no training cell: more than one device runs {DATA_PARALLEL_PATH} only; add it to --paths "
                      "or 1 to --device-counts")
+    if args.time_to_accuracy_rounds and TIME_TO_ACCURACY not in args.kinds:
+        parser.error(f"--time-to-accuracy-rounds {args.time_to_accuracy_rounds} repeats the time-to-accuracy cells, "
+                     f"and --kinds {','.join(args.kinds)} runs none; add {TIME_TO_ACCURACY} to --kinds or leave it out")
     if args.recipes and TIME_TO_ACCURACY not in args.kinds:
         parser.error(f"--recipes {','.join(args.recipes)} names what the time-to-accuracy cells train, and --kinds "
                      f"{','.join(args.kinds)} runs none; add {TIME_TO_ACCURACY} to --kinds or leave --recipes out")
@@ -136,7 +142,8 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     try:
         _, table = run_suite(cells, mode, args.output_dir, rounds=args.rounds, order_seed=args.order_seed,
-                             target_accuracy=args.target_accuracy, timeout_s=args.timeout)
+                             target_accuracy=args.target_accuracy, timeout_s=args.timeout,
+                             time_to_accuracy_rounds=args.time_to_accuracy_rounds)
     except UsageError as error:
         print(f"compare.py: error: {error}", file=sys.stderr)
         return 2

@@ -333,6 +333,27 @@ def test_bad_filters_are_argparse_errors(flag, value):
     assert_one_line_error(result, 2, flag, value)
 
 
+def test_time_to_accuracy_rounds_reach_the_cells_and_need_such_cells(monkeypatch):
+    """--time-to-accuracy-rounds R runs each time-to-accuracy cell R times (the other cells
+    keep theirs); without such cells it is a one-line error."""
+    from benchmarks import compare
+    from benchmarks.suite import run_settings
+
+    asked = {}
+
+    def run_suite(cells, mode, output_dir, **overrides):
+        asked.update(cells=cells, mode=mode, overrides=overrides)
+        return None, "table"
+
+    monkeypatch.setattr(compare, "run_suite", run_suite)
+    assert compare.main(["--kinds", "training,time-to-accuracy", "--devices", "cpu", "--time-to-accuracy-rounds", "3"]) == 0
+    cells, settings = asked["cells"], run_settings(asked["mode"], asked["cells"], asked["overrides"])
+    assert {rounds_for(cell, settings) for cell in cells if cell.path == TIME_TO_ACCURACY} == {3}
+    assert {rounds_for(cell, settings) for cell in cells if cell.path != TIME_TO_ACCURACY} == {5}
+    result = run_python([COMPARE, "--kinds", "training", "--time-to-accuracy-rounds", "3"], timeout=60)
+    assert_one_line_error(result, 2, "--time-to-accuracy-rounds 3", "--kinds training", "add time-to-accuracy to --kinds")
+
+
 def test_recipes_without_time_to_accuracy_cells_is_a_one_line_error():
     result = run_python([COMPARE, "--kinds", "training", "--recipes", "fast"], timeout=60)
     assert_one_line_error(result, 2, "--recipes fast", "--kinds training", "add time-to-accuracy to --kinds")
