@@ -58,26 +58,43 @@ class TiledMaxPooling2D(keras.layers.Layer):
         return {**super().get_config(), "pool_size": self.pool_size}
 
 
-def build_cnn(pooling: str = "fast") -> keras.Model:
+def build_cnn(pooling: str = "fast", seed: int | None = None) -> keras.Model:
     """Build the CNN. `pooling="stock"` uses keras.layers.MaxPooling2D; "fast" the
-    numerically identical TiledMaxPooling2D (see its docstring)."""
+    numerically identical TiledMaxPooling2D (see its docstring). With `seed`, the initial
+    weights are seeded_weights(network, seed) (drawn with numpy: the same numbers on every
+    backend) and Keras' random initializers never run (on JAX each of their draws compiles
+    a program: about 1 s per network); the layers' configs keep Keras' initializers."""
+    network = _network(pooling, placeholders=seed is not None)
+    if seed is not None:
+        network.set_weights(seeded_weights(network, seed))
+    return network
+
+
+def _network(pooling: str, placeholders: bool = False) -> keras.Model:
+    """The CNN; with `placeholders`, its variables start at zero (Keras' Zeros, no random
+    draw) for weights set right after, and the layers get their own initializers back."""
     if pooling == "fast":
         pool = TiledMaxPooling2D(2, name="max_pooling2d")
     elif pooling == "stock":
         pool = keras.layers.MaxPooling2D(2, name="max_pooling2d")
     else:
         raise ValueError(f"Unsupported pooling. Received: pooling={pooling!r}; valid: {', '.join(POOLINGS)}")
-    return keras.Sequential(
-        [
-            keras.Input(INPUT_SHAPE, name="image"),
-            keras.layers.Conv2D(32, 3, activation="relu", name="conv2d"),
-            pool,
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(128, activation="relu", name="dense"),
-            keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities"),
-        ],
-        name="mnist_cnn",
-    )
+    layers = [
+        keras.layers.Conv2D(32, 3, activation="relu", name="conv2d"),
+        pool,
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(128, activation="relu", name="dense"),
+        keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities"),
+    ]
+    weighted = [layer for layer in layers if hasattr(layer, "kernel_initializer")]
+    own = [(layer.kernel_initializer, layer.bias_initializer) for layer in weighted]
+    if placeholders:
+        for layer in weighted:
+            layer.kernel_initializer = layer.bias_initializer = keras.initializers.Zeros()
+    network = keras.Sequential([keras.Input(INPUT_SHAPE, name="image"), *layers], name="mnist_cnn")
+    for layer, (kernel_initializer, bias_initializer) in zip(weighted, own):
+        layer.kernel_initializer, layer.bias_initializer = kernel_initializer, bias_initializer
+    return network
 
 
 def portable_network(network: keras.Model) -> keras.Model:
@@ -95,7 +112,7 @@ def training_network(network: keras.Model) -> keras.Model:
 
 
 def _with_pooling(network: keras.Model, pooling: str) -> keras.Model:
-    rebuilt = build_cnn(pooling)
+    rebuilt = _network(pooling, placeholders=True)
     rebuilt.set_weights(network.get_weights())
     return rebuilt
 

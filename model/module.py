@@ -49,12 +49,14 @@ class CNNModule(keras.Model):
     def __init__(self, lr: float = TrainConfig.lr, decay_steps: int | None = None, pooling: str = TrainConfig.pooling,
                  step: str = TrainConfig.step, ema_momentum: float | None = TrainConfig.ema_momentum,
                  warmup_steps: int = 0, label_smoothing: float = TrainConfig.label_smoothing,
-                 adam_betas: tuple[float, float] = (TrainConfig.adam_beta_1, TrainConfig.adam_beta_2), **kwargs):
+                 adam_betas: tuple[float, float] = (TrainConfig.adam_beta_1, TrainConfig.adam_beta_2),
+                 seed: int | None = None, **kwargs):
         """`decay_steps`: the updates over which the learning rate falls to 0 along a
         cosine; 0 keeps it constant; None: the whole run, which the Trainer sets when it
         compiles the module (epochs times batches per epoch, after limit_train_batches).
         `warmup_steps`: the first of them, a linear rise from 0 to lr. `adam_betas`: Adam's
-        (beta_1, beta_2)."""
+        (beta_1, beta_2). `seed`: the network's initial weights are drawn with numpy from
+        it, the same on every backend (build_cnn); None: Keras' initializers."""
         super().__init__(**kwargs)
         if step not in STEPS:
             raise ValueError(f"Unsupported step. Received: step={step!r}; valid: {', '.join(STEPS)}")
@@ -66,7 +68,7 @@ class CNNModule(keras.Model):
         self.pooling = pooling
         self.step = step
         self.ema_momentum = ema_momentum
-        self.network = build_cnn(pooling)
+        self.network = build_cnn(pooling, seed)
         # Set by a data-parallel engine whose step must run through its own wrapper
         # (torch's DDP, backends/torch_backend.py); None: Keras' or the native step.
         self.replicated_step = None

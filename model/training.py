@@ -95,7 +95,6 @@ def plot_curves(history: list[dict], path: Path, title: str) -> Path:
 def prepare_run(config: TrainConfig):
     """(module, datamodule, trainer) exactly as train.py uses them; the benchmark's
     keras-fit cells call this too, so they time the same code path."""
-    from model.cnn import seeded_weights
     from model.data import datamodule_from
     from model.devices import start_engine
     from model.module import CNNModule
@@ -108,13 +107,12 @@ def prepare_run(config: TrainConfig):
     seed_everything(config.seed)
     datamodule = datamodule_from(config).setup()
     with engine.scope() if engine is not None else contextlib.nullcontext():
-        # decay_steps left to the Trainer: the cosine spans the run it trains.
+        # decay_steps left to the Trainer: the cosine spans the run it trains. Weights drawn
+        # with numpy from the seed: every backend starts from the same numbers.
         module = CNNModule(lr=config.lr, warmup_steps=round(config.warmup_epochs * datamodule.steps_per_epoch),
                            adam_betas=(config.adam_beta_1, config.adam_beta_2),
                            label_smoothing=config.label_smoothing, pooling=config.pooling, step=config.step,
-                           ema_momentum=config.ema_momentum)
-        # Weights drawn with numpy: every backend starts from the same numbers for a seed.
-        module.network.set_weights(seeded_weights(module.network, config.seed))
+                           ema_momentum=config.ema_momentum, seed=config.seed)
     jit_compile = "auto" if config.jit_compile is None else config.jit_compile
     checkpoint_dir = Path(config.output_dir) / "checkpoints" if config.output_dir else None
     trainer = Trainer(max_epochs=config.epochs, eval_batch_size=config.eval_batch_size, jit_compile=jit_compile,

@@ -39,6 +39,22 @@ def architecture(workdir: Path) -> dict:
             "layers": [[layer.name, list(layer.output.shape[1:]), layer.count_params()] for layer in network.layers],
             "total_params": network.count_params(),
         }
+    # Seeded: numpy's draws (model.weights) in place of Keras' initializers, which stay in
+    # the config; a network built again from that config draws with Keras' own.
+    import numpy as np
+
+    from model.weights import seeded_weight_arrays
+
+    seeded = build_cnn("fast", seed=3)
+    expected = seeded_weight_arrays([tuple(variable.shape) for variable in seeded.weights], 3)
+    configs = [layer.get_config() for layer in seeded.layers]
+    rebuilt = seeded.__class__.from_config(seeded.get_config())
+    result["seeded"] = {
+        "weights_are_the_seeds": all(np.array_equal(got, want) for got, want in zip(seeded.get_weights(), expected)),
+        "initializers": sorted({f"{name}={config[name]['class_name']}" for config in configs
+                                for name in ("kernel_initializer", "bias_initializer") if name in config}),
+        "rebuilt_kernels_random": all(float(np.std(weights)) > 0 for weights in rebuilt.get_weights()[::2]),
+    }
     return result
 
 

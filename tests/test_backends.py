@@ -27,6 +27,8 @@ def test_layer_shapes_and_parameter_counts(backend, backend_results):
     for pooling in ("fast", "stock"):
         assert architecture[pooling]["layers"] == EXPECTED_LAYERS, pooling
         assert architecture[pooling]["total_params"] == 693_962, pooling
+    assert architecture["seeded"] == {"weights_are_the_seeds": True, "rebuilt_kernels_random": True,
+                                      "initializers": ["bias_initializer=Zeros", "kernel_initializer=GlorotUniform"]}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
