@@ -87,7 +87,7 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     datamodule.epoch_piece = lambda epoch, index: (images[index * piece : (index + 1) * piece],
                                                    labels[index * piece : (index + 1) * piece])
     datamodule.epoch_pieces = lambda epoch: (datamodule.epoch_piece(epoch, index)
-                                             for index in range(-(-len(images) // piece)))
+                                             for index in range(datamodule.pieces_per_epoch))
     datamodule.x_val, datamodule.y_val = datamodule.x_val[:0], datamodule.y_val[:0]
     step_ends = []
     barrier = worker_barrier(trainer.engine)

@@ -86,11 +86,12 @@ def _network(pooling: str, placeholders: bool = False) -> keras.Model:
         keras.layers.Dense(128, activation="relu", name="dense"),
         keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities"),
     ]
+    if not placeholders:
+        return keras.Sequential([keras.Input(INPUT_SHAPE, name="image"), *layers], name="mnist_cnn")
     weighted = [layer for layer in layers if hasattr(layer, "kernel_initializer")]
     own = [(layer.kernel_initializer, layer.bias_initializer) for layer in weighted]
-    if placeholders:
-        for layer in weighted:
-            layer.kernel_initializer = layer.bias_initializer = keras.initializers.Zeros()
+    for layer in weighted:
+        layer.kernel_initializer = layer.bias_initializer = keras.initializers.Zeros()
     network = keras.Sequential([keras.Input(INPUT_SHAPE, name="image"), *layers], name="mnist_cnn")
     for layer, (kernel_initializer, bias_initializer) in zip(weighted, own):
         layer.kernel_initializer, layer.bias_initializer = kernel_initializer, bias_initializer

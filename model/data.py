@@ -590,7 +590,6 @@ class EpochStream:
         # One epoch ahead, and the piece in use.
         self._queue: queue.Queue = queue.Queue(maxsize=datamodule.pieces_per_epoch + 1)
         self._stop = threading.Event()
-        self.closed = False
         self._thread = threading.Thread(target=self._produce, name="mnist-augmentation", daemon=True)
         self._thread.start()
 
@@ -623,13 +622,16 @@ class EpochStream:
     def close(self) -> None:
         """Stop the thread (it ends within one piece) and drop what it made; a consumer still
         asking for pieces (tf.data's prefetch thread) is told the stream has ended."""
-        self.closed = True
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join()
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(None)
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
 
     def __enter__(self) -> "EpochStream":
         return self
