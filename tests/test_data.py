@@ -547,6 +547,20 @@ def test_warp_shift_is_a_roll_inside_the_frame(full_frame_images):
     np.testing.assert_allclose(half[:, 1:], (image[:, 1:] + image[:, :-1]) / 2, atol=1e-6)
 
 
+def test_warp_samples_outside_the_frame_are_background(full_frame_images):
+    image = as_warp_input(full_frame_images[:1])[0]
+    assert image[0].all() and image[:, 0].all()  # the edges are not background already
+    # Far outside, by a fractional shift (no sample on a pixel): nothing but background.
+    for shift in ((30.5, 0.0), (-30.5, 0.0), (0.0, 30.5), (0.0, -30.5), (29.5, -29.5)):
+        assert not warp_one(image, shift=shift).any(), shift
+    # 2.5 px down: rows 0 and 1 sample above the frame; row 2 is half of row 0 (half a
+    # pixel from the background above), row 3 the mean of rows 0 and 1.
+    warped = warp_one(image, shift=(2.5, 0.0))
+    assert not warped[:2].any()
+    np.testing.assert_allclose(warped[2], image[0] / 2, atol=1e-6)
+    np.testing.assert_allclose(warped[3], (image[0] + image[1]) / 2, atol=1e-6)
+
+
 def test_warp_of_a_batch_is_the_warp_of_each_image(full_frame_images):
     images = as_warp_input(full_frame_images)
     rng = np.random.default_rng(1)
