@@ -135,6 +135,12 @@ def max_pool(inputs, pool_size: int):
 # ---------------------------------------------------------------------- forward pass
 
 
+def calls_eagerly(images) -> bool:
+    """Whether a model called on `images` runs its Python at every step: never here (tf.function
+    traces a step once; Keras' `Layer.__call__` runs while tracing only)."""
+    return False
+
+
 def forward(network, images, training: bool = False):
     """`network(images, training=training)`, each layer's own `call` in turn and the ReLU
     convolution with its pooling as one call (backends/layers.py; tf.function traces it

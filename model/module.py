@@ -76,6 +76,19 @@ class CNNModule(keras.Model):
         # so the module is usable at once (JAX's stateless_call insists on it).
         self.built = True
 
+    def __call__(self, *args, **kwargs):
+        """Keras' `Layer.__call__`, except where the backend runs every call's Python at
+        every step (eager torch, `calls_eagerly`) and the call is the steps' own form,
+        `module(images, training=bool)`: then `call` directly, as backends/layers.py calls the
+        network's layers (Keras' wrapping, ~0.2 ms a step there, binds arguments, opens
+        scopes and checks masks and dtypes, none of which this module uses). Symbolic
+        inputs and every other form go through Keras."""
+        training = kwargs.get("training", False)
+        if len(args) == 1 and kwargs.keys() <= {"training"} and isinstance(training, bool) \
+                and BACKEND.calls_eagerly(args[0]):
+            return self.call(args[0], training=training)
+        return super().__call__(*args, **kwargs)
+
     def call(self, images, training=False):
         # The backend's forward pass of the network (backends/layers.py): the layers' own
         # calls without Keras' per-layer wrapping, with convolution, ReLU and pooling as one

@@ -478,7 +478,8 @@ def layer_calls(workdir: Path) -> dict:
     calling the network, on a real training batch: probabilities, the loss's gradients, how
     many Layer.__call__ ran, how many calls were fused, and a network that must go through
     Keras' __call__ (an activity regularizer adds its loss there), a float16 input (through
-    Keras too), and a LoRA convolution (never fused). On TensorFlow and JAX also compiled
+    Keras too), a LoRA convolution (never fused), and the module's own __call__ in the
+    steps' form and others. On TensorFlow and JAX also compiled
     by XLA, as a jit_compile step runs it."""
     import functools
 
@@ -530,6 +531,21 @@ def layer_calls(workdir: Path) -> dict:
     finally:
         keras.layers.Layer.__call__ = layer_call
     half_expected = module.network(keras.ops.cast(images, "float16"))
+    # The module's own __call__ (CNNModule.__call__): where calls run eagerly, the steps'
+    # form, module(images, training=bool), skips Keras' wrapping; other forms keep it.
+    module_calls = {}
+    keras.layers.Layer.__call__ = counting
+    try:
+        for form, call in (("steps", lambda: module(images, training=True)),
+                           ("training_none", lambda: module(images, training=None)),
+                           ("symbolic", lambda: module(keras.Input((28, 28, 1))))):
+            counted.clear()
+            output = call()
+            module_calls[form] = counted.count(module.name)
+            if form == "steps":
+                module_output = keras.ops.convert_to_numpy(output)
+    finally:
+        keras.layers.Layer.__call__ = layer_call
     # A LoRA convolution's kernel is computed, not a variable: never fused, and enabling LoRA
     # on a network already run makes its calls anew.
     from model.cnn import build_cnn
@@ -558,6 +574,10 @@ def layer_calls(workdir: Path) -> dict:
         "regularized_losses": len(regularized.losses),
         "float16_layer_calls": half_calls,
         "float16_forward_equal": bool(np.array_equal(*map(keras.ops.convert_to_numpy, (half, half_expected)))),
+        "module_calls": module_calls,
+        "module_output_equal": bool(np.array_equal(module_output, keras.ops.convert_to_numpy(
+            module.network(images, training=True)))),
+        "calls_eagerly": bool(backend.calls_eagerly(images)),
         "lora_calls_before_after": [len(before), len(after)],
         "lora_fused_after": sum(isinstance(call, functools.partial) for call, _ in after),
         "lora_forward_shape": list(lora_forward.shape),

@@ -174,6 +174,11 @@ def test_forward_without_layer_wrappers_equals_calling_the_network(backend, back
     assert run["layer_calls_forward"] == 0
     assert run["regularized_layer_calls"] >= 1 and run["regularized_losses"] == 1
     assert run["float16_layer_calls"] >= 5 and run["float16_forward_equal"], "a float16 input skipped Keras' casting"
+    # CNNModule.__call__: Keras' wrapping skipped in the steps' form only where every step
+    # runs the Python (eager torch); symbolic inputs and training=None always go through Keras.
+    assert run["calls_eagerly"] == (backend == "torch")
+    assert run["module_calls"] == {"steps": 0 if backend == "torch" else 1, "training_none": 1, "symbolic": 1}
+    assert run["module_output_equal"], "module(images) differs from its network's output"
     assert run["lora_calls_before_after"] == [4, 5] and run["lora_fused_after"] == 0
     assert run["lora_forward_shape"] == [4, 10]
     assert run["other_fused_calls"] == 1 and run["other_forward_equal"], "a 5x5 kernel with 4x4 pooling fused wrongly"
