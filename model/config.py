@@ -35,14 +35,13 @@ DRY_RUN_BATCHES = 5
 # net in 860 steps; Adam's moment averages over about 5 and 100 steps (betas 0.8, 0.99)
 # instead of 10 and 1,000, a run's length: 10 seeds' mean 99.01 -> 99.12%; the default's
 # label smoothing (TrainConfig's, so not repeated here); no weight average (momentum 0.999
-# would still hold 42% of the first step's weights after 860 steps); only full batches
-# (one compile of the step under XLA). Batches of 96 at lr
+# would still hold 42% of the first step's weights after 860 steps). Batches of 96 at lr
 # 8e-3 reached the same accuracy over 9 runs in a third more steps. What each lever did,
 # and the 3-seed results: README, "Recipes".
 RECIPES: dict[str, dict] = {
     "default": {},
     "fast": {"epochs": 2, "lr": 1e-2, "warmup_epochs": 0.3, "adam_beta_1": 0.8, "adam_beta_2": 0.99,
-             "ema_momentum": None, "drop_last_batch": True},
+             "ema_momentum": None},
 }
 
 
@@ -82,10 +81,6 @@ class TrainConfig:
     ema_momentum: float | None = setting(0.999, run_setting=True)
     # Held out from the 60,000 training images with a seeded permutation.
     validation_size: int = setting(5000, run_setting=True)
-    # Leave out each epoch's last, smaller batch (88 of 55,000 images at batch 128, other
-    # images each epoch, as the order is shuffled): every step has one shape, so XLA
-    # compiles the step once (on JAX the last batch's second compile took 0.8-1.0 s).
-    drop_last_batch: bool = setting(False, run_setting=True)
     # Training-time augmentation, drawn per image and epoch from the seed: a shift of up
     # to shift_pixels on each axis, a rotation of up to rotation_degrees and a scale in
     # [1 - zoom, 1 + zoom]. All zero (--no-augment) turns it off; rotation and zoom zero
@@ -163,9 +158,8 @@ class TrainConfig:
     @property
     def drop_last(self) -> bool:
         """Whether an epoch's last, smaller batch is left out (MNISTDataModule.drop_last):
-        when the run asks for it, and with several replicas, as every batch must split
-        evenly over them."""
-        return self.drop_last_batch or self.world_size > 1
+        with several replicas every batch must split evenly over them."""
+        return self.world_size > 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,7 +174,7 @@ AUGMENTATION_SETTINGS = tuple(name for name, flag in RUN_SETTINGS.items() if fla
 # Run settings added after checkpoints were first written, with the value every run before
 # them had: a checkpoint that lacks one trained with that value.
 RUN_SETTINGS_ADDED = {"warmup_epochs": 0.0, "label_smoothing": 0.0, "recipe": "default", "adam_beta_1": 0.9,
-                      "adam_beta_2": 0.999, "drop_last_batch": False}
+                      "adam_beta_2": 0.999}
 
 
 def recorded_run_settings(recorded: dict) -> dict:

@@ -405,9 +405,8 @@ def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shif
     angles, scales and shifts given per output.
 
     Done in chunks of `chunk` images so that the ~40 intermediate arrays of a chunk stay
-    in the CPU's cache: 256 took 0.9-1.0 s for an epoch of 55,000 on a 2-core AVX2 host,
-    4096 took 2.2-3.1 s (the values do not depend on the chunk size); on a 2-core AVX-512
-    host 0.5-0.65 s, 0.7x the time of one gather per neighbour with an inside mask."""
+    in the CPU's cache: 256 takes 0.9-1.0 s for an epoch of 55,000 here, 4096 took
+    2.2-3.1 s (the values do not depend on the chunk size)."""
     index = np.arange(len(images)) if index is None else np.asarray(index)
     n, (height, width) = len(index), images.shape[1:3]
     out = np.empty((n, height, width, 1), dtype=np.float32)
@@ -657,7 +656,6 @@ def datamodule_from(config: TrainConfig, **changes) -> MNISTDataModule:
         batch_size=config.batch_size, validation_size=config.validation_size, seed=config.seed,
         shift_pixels=config.shift_pixels, rotation_degrees=config.rotation_degrees, zoom=config.zoom,
         path=config.data, limit_train_batches=config.limit_train_batches,
-        # When the run leaves out the last, smaller batch (drop_last_batch) or has several
-        # replicas, over which every batch must split evenly (README: "More than one device").
+        # Every batch must split evenly over the replicas (README: "More than one device").
         drop_last=config.drop_last)
     return MNISTDataModule(**{**settings, **changes})

@@ -47,8 +47,7 @@ def test_no_flags_give_the_default_config_and_every_flag_reaches_its_field():
         step="native", pooling="stock", data="m.npz", output_dir="out", resume=True, overwrite=True,
         target_accuracy=0.9, accelerator="cpu", devices=2, num_nodes=2, node_rank=1, coordinator="h:1",
         collective_timeout_s=5.0, shift_pixels=0.0, rotation_degrees=0.0, zoom=0.0, recipe="fast",
-        warmup_epochs=0.3, adam_beta_1=0.8, adam_beta_2=0.99, label_smoothing=0.1, ema_momentum=None,
-        drop_last_batch=True)
+        warmup_epochs=0.3, adam_beta_1=0.8, adam_beta_2=0.99, label_smoothing=0.1, ema_momentum=None)
     # Every field with a help is a flag of train.py: the argv above names each one.
     flags = {field.name for field in dataclasses.fields(TrainConfig) if field.metadata.get("help")}
     assert {name for name in flags if getattr(config, name) == getattr(TrainConfig(), name)} == set()
@@ -75,7 +74,7 @@ def test_run_settings_and_the_flags_that_set_them():
         "validation_size": None, "shift_pixels": NO_AUGMENT, "rotation_degrees": NO_AUGMENT, "zoom": NO_AUGMENT,
         "limit_train_batches": "--limit-train-batches", "step": "--step", "pooling": "--pooling",
         "warmup_epochs": None, "adam_beta_1": None, "adam_beta_2": None, "label_smoothing": None,
-        "drop_last_batch": None, "recipe": "--recipe"}
+        "recipe": "--recipe"}
     assert train.given_settings(["--lr", "0.1", NO_AUGMENT]) == {"lr", "shift_pixels", "rotation_degrees", "zoom"}
 
 

@@ -183,19 +183,3 @@ def test_a_checkpoint_from_before_recipes_resumes_with_the_settings_runs_had_the
     resumed = resumed_config(TrainConfig(), stored, given=set())
     assert resumed == TrainConfig().replace(**RUN_SETTINGS_ADDED) != TrainConfig()
     assert resumed.label_smoothing == 0.0 and resumed.recipe == "default"
-
-
-def test_the_fast_recipe_trains_on_full_batches_only(mnist_arrays):
-    """drop_last_batch reaches the data module: under the fast recipe every batch has the
-    recipe's size (one compile of the step under XLA), the default keeps the last, smaller
-    one, and both see the same batches before it."""
-    from model.data import datamodule_from
-
-    fast = datamodule_from(TrainConfig().with_recipe("fast")).setup(mnist_arrays)
-    default = datamodule_from(TrainConfig(batch_size=fast.batch_size)).setup(mnist_arrays)
-    fast_labels = [labels for _, labels in fast.train_batches(0)]
-    default_labels = [labels for _, labels in default.train_batches(0)]
-    assert [len(labels) for labels in fast_labels] == [fast.batch_size] * (len(fast.x_train) // fast.batch_size)
-    assert len(default.x_train) % default.batch_size == len(default_labels[-1]) != 0
-    assert fast.steps_per_epoch == default.steps_per_epoch - 1
-    assert all(np.array_equal(a, b) for a, b in zip(fast_labels, default_labels[:-1]))
