@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from backends import import_tensorflow_quietly
+from backends import saving_without_tensorflow
 
 
 class CheckpointError(Exception):
@@ -78,10 +78,9 @@ def save_model(model, path: str | os.PathLike, trainer_state: dict | None = None
     """model.save() to `path` atomically; with `trainer_state`, that dict is stored in the
     same archive (read it back with read_trainer_state)."""
 
-    import_tensorflow_quietly()  # Keras' saving imports it (when installed): without its INFO lines
-
     def write(temp: Path) -> None:
-        model.save(temp)
+        with saving_without_tensorflow():
+            model.save(temp)
         if trainer_state is not None:
             text = json.dumps(trainer_state, indent=2, default=float)
             with zipfile.ZipFile(temp, "a", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -142,9 +141,9 @@ def load_model(path: str | os.PathLike):
         raise CheckpointError(f"checkpoint {path} is damaged ({error})") from None
     if damaged is not None:
         raise CheckpointError(f"checkpoint {path} is damaged (bad CRC in {damaged})")
-    import_tensorflow_quietly()  # as in save_model
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        with saving_without_tensorflow():
+            return keras.saving.load_model(path, safe_mode=True)
     except Exception as error:
         message = " ".join(str(error).split())
         if "Lambda" in message or "safe_mode" in message:

@@ -64,6 +64,8 @@ out["best_markers"] = markers
 out["last_marker"] = float(keras.ops.convert_to_numpy(
     load_model(folder / LAST_CHECKPOINT).network.get_layer("probabilities").bias)[0])
 out["state"] = read_trainer_state(folder / LAST_CHECKPOINT)
+# Saving and loading on torch left TensorFlow unimported (backends.saving_without_tensorflow).
+out["tensorflow_imported_by_saving"] = "tensorflow" in sys.modules
 
 # The roles' defaults are TrainConfig's.
 from model.config import TrainConfig
@@ -173,10 +175,20 @@ def test_validation_and_testing_run_at_the_evaluation_batch_size(trainer_runs):
     assert pieces["test_batches"] == 5  # 1,000 images in batches of 200
 
 
+def test_saving_on_torch_does_not_import_tensorflow(trainer_runs):
+    """Keras' .keras saving and loading ask whether TensorFlow is installed, importing it
+    (2.5 s), only to test objects for TensorFlow types; on torch, with TensorFlow never
+    imported, they must not (backends.saving_without_tensorflow). The files they wrote
+    load back (the best.keras markers above)."""
+    pieces, _ = trainer_runs
+    assert pieces["tensorflow_imported_by_saving"] is False
+    assert pieces["best_markers"] == [1.0, 2.0, 2.0, 2.0, 2.0]
+
+
 def test_saving_on_torch_prints_no_tensorflow_info_lines(trainer_runs):
-    """Keras' .keras saving imports TensorFlow when it is installed, on every backend; its
-    early INFO lines ("I0000 ... oneDNN custom operations are on") stay out
-    (backends.import_tensorflow_quietly)."""
+    """No TensorFlow INFO lines ("I0000 ... oneDNN custom operations are on") in a torch
+    process that saved and loaded models: TensorFlow is left unimported there, and where
+    it is imported it is imported quietly (backends.import_tensorflow_quietly)."""
     pieces, _ = trainer_runs
     chatter = [line for line in pieces["stderr"].splitlines()
                if re.match(r"I\d{4} ", line) or "absl::InitializeLog" in line or "oneDNN" in line]
