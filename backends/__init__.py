@@ -129,8 +129,13 @@ def saving_without_tensorflow():
     from keras.src.utils import module_utils
 
     lazy = module_utils.tensorflow
-    if "tensorflow" in sys.modules or getattr(lazy, "_available", False) is not None:
+    # vars(): the lazy module's getattr would import TensorFlow for a missing attribute.
+    available = vars(lazy).get("_available", True)
+    if "tensorflow" in sys.modules or available is True:
         import_tensorflow_quietly()
+        yield
+        return
+    if available is False:  # not installed, or an enclosing block already said it is absent
         yield
         return
     lazy._available = False

@@ -88,8 +88,9 @@ def max_pool(inputs, pool_size: int):
 
 
 def calls_eagerly(images) -> bool:
-    """Whether a model called on `images` runs its Python at every step: never here (jax.jit
-    traces a step once; Keras' `Layer.__call__` runs while tracing only)."""
+    """Whether a model called on `images` runs its Python at every step: not in this
+    project's steps (jax.jit traces a step once, and Keras' `Layer.__call__` runs while
+    tracing only; `run_eagerly`, which would run it every step, is not used)."""
     return False
 
 

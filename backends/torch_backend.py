@@ -116,6 +116,8 @@ def fuse_optimizer(optimizer) -> None:
         pairs = [(average.value, variable.value)
                  for variable, average in zip(variables, optimizer._model_variables_moving_average)
                  if average is not None]
+        if not pairs:
+            return
         averages, weights = [average for average, _ in pairs], [weight for _, weight in pairs]
         if weights[0].device.type == "cpu":
             # The count read on the host (free on the CPU) and one lerp kernel per weight:

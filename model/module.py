@@ -82,11 +82,11 @@ class CNNModule(keras.Model):
         `module(images, training=bool)`: then `call` directly, as backends/layers.py calls the
         network's layers (Keras' wrapping, ~0.2 ms a step there, binds arguments, opens
         scopes and checks masks and dtypes, none of which this module uses). Symbolic
-        inputs and every other form go through Keras."""
-        training = kwargs.get("training", False)
-        if len(args) == 1 and kwargs.keys() <= {"training"} and isinstance(training, bool) \
+        inputs and every other form go through Keras, `module(images)` too: Keras takes its
+        `training` from an enclosing call."""
+        if len(args) == 1 and kwargs.keys() == {"training"} and isinstance(kwargs["training"], bool) \
                 and BACKEND.calls_eagerly(args[0]):
-            return self.call(args[0], training=training)
+            return self.call(args[0], training=kwargs["training"])
         return super().__call__(*args, **kwargs)
 
     def call(self, images, training=False):

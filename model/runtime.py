@@ -67,9 +67,8 @@ def seed_everything(seed: int) -> None:
     """`keras.utils.set_random_seed(seed)`, minus its TensorFlow import on the other backends.
 
     Keras seeds TensorFlow whenever it is installed, which imports it: about 8 s and
-    hundreds of MB in a JAX or torch process that never uses it (measured here). Keras'
-    saving still imports it at the first `.keras` save (it checks for `tf.TensorShape`),
-    but runs that save nothing, such as benchmark cells, no longer pay for it.
+    hundreds of MB in a JAX or torch process that never uses it (measured here); Keras'
+    `.keras` saving and loading leave it unimported too (backends.saving_without_tensorflow).
     Python's, numpy's and the backend's generators are seeded either way; Keras' own
     generator only feeds the layers' initializers, whose draws `seeded_weights` replaces."""
     import keras

@@ -509,7 +509,7 @@ def layer_calls(workdir: Path) -> dict:
         finally:
             backend.forward, keras.layers.Layer.__call__ = fused_forward, layer_call
         # The network's and its layers' __call__ (the module's own, in the gradients' pass,
-        # is Keras' way into it).
+        # is counted by the module-call part below).
         inside = {module.network.name, *(layer.name for layer in module.network.layers)}
         return (keras.ops.convert_to_numpy(probabilities), [keras.ops.convert_to_numpy(g) for g in gradients],
                 sum(name in inside for name in counted))
@@ -538,6 +538,7 @@ def layer_calls(workdir: Path) -> dict:
     try:
         for form, call in (("steps", lambda: module(images, training=True)),
                            ("training_none", lambda: module(images, training=None)),
+                           ("no_training", lambda: module(images)),
                            ("symbolic", lambda: module(keras.Input((28, 28, 1))))):
             counted.clear()
             output = call()

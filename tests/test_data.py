@@ -561,6 +561,18 @@ def test_warp_samples_outside_the_frame_are_background(full_frame_images):
     np.testing.assert_allclose(warped[3], (image[0] + image[1]) / 2, atol=1e-6)
 
 
+def test_warp_refuses_scales_that_are_not_positive_and_parameters_that_are_not_finite(full_frame_images):
+    images = as_warp_input(full_frame_images[:2])
+    good = dict(angles=np.zeros(2), scales=np.ones(2), shifts=np.zeros((2, 2)))
+    for name, bad in (("scales", np.array([1.0, 0.0])), ("scales", np.array([-1.0, 1.0])),
+                      ("scales", np.array([np.inf, 1.0])), ("angles", np.array([np.nan, 0.0])),
+                      ("shifts", np.array([[0.0, np.inf], [0.0, 0.0]]))):
+        with pytest.raises(ValueError, match="finite scales above 0"):
+            warp_images(images, **{**good, name: bad})
+    with pytest.raises(ValueError, match=r"zoom must be in \[0, 1\)"):
+        MNISTDataModule(zoom=1.0).setup()
+
+
 def test_warp_of_a_batch_is_the_warp_of_each_image(full_frame_images):
     images = as_warp_input(full_frame_images)
     rng = np.random.default_rng(1)

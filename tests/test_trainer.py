@@ -64,7 +64,12 @@ out["best_markers"] = markers
 out["last_marker"] = float(keras.ops.convert_to_numpy(
     load_model(folder / LAST_CHECKPOINT).network.get_layer("probabilities").bias)[0])
 out["state"] = read_trainer_state(folder / LAST_CHECKPOINT)
-# Saving and loading on torch left TensorFlow unimported (backends.saving_without_tensorflow).
+# Saving and loading on torch left TensorFlow unimported (backends.saving_without_tensorflow),
+# also a load inside an enclosing block of its own.
+from backends import saving_without_tensorflow
+
+with saving_without_tensorflow():
+    load_model(folder / LAST_CHECKPOINT)
 out["tensorflow_imported_by_saving"] = "tensorflow" in sys.modules
 
 # The roles' defaults are TrainConfig's.
