@@ -42,7 +42,8 @@ FRAMEWORK_FLAGS = {
 # Defaults every backend's process gets unless the user set the variable: TensorFlow's C++
 # INFO lines ("XLA service ... initialized", "Compiled cluster using XLA!") would come
 # before the run's first line. Level 1 drops INFO and keeps warnings and errors. Every
-# backend needs it: Keras' .keras saving imports TensorFlow when it is installed.
+# backend gets it: a JAX or torch process that imports TensorFlow (a tf.data input, Keras'
+# saving where saving_without_tensorflow cannot tell it TensorFlow is absent) stays quiet.
 QUIET_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "1"}
 # The lines TensorFlow's import writes before its logging reads TF_CPP_MIN_LOG_LEVEL
 # (absl's "before absl::InitializeLog()" notice and "I0000 ... oneDNN custom operations are on").
