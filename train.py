@@ -17,7 +17,7 @@ from pathlib import Path
 
 from model.arguments import add_config_flags
 from model.config import AUGMENTATION_SETTINGS, BACKENDS, NO_AUGMENT, TrainConfig
-from model.runtime import UsageError, select_backend
+from model.runtime import UsageError, pause_garbage_collection, select_backend
 
 
 def build_parser(**kwargs) -> argparse.ArgumentParser:
@@ -68,6 +68,8 @@ def resume_command(args) -> str:
 
 
 def main(argv=None) -> int:
+    # Off while the frameworks load and the run is set up; the Trainer turns it on again.
+    pause_garbage_collection()
     args = parse_args(argv)
     given = given_settings(argv)
     config = config_from(args, given)

@@ -32,6 +32,7 @@ from model.cnn import portable_network
 from model.config import TrainConfig
 from model.data import MNISTDataModule
 from model.module import CNNModule
+from model.runtime import resume_garbage_collection
 from model.timing import WARMUP_STEPS, past_warmup
 
 LAST_CHECKPOINT = "last.keras"
@@ -242,6 +243,7 @@ class Trainer:
                 module, initial_epoch, history, best = self._restore(datamodule)
             self._compile(module, datamodule)
         BACKEND.fuse_optimizer(module.optimizer)
+        resume_garbage_collection()  # paused while the run started (train.py)
         interrupt = StopOnInterrupt()
         callbacks = [StopOnNonFiniteLoss(), interrupt, self.timer]
         validation = (datamodule.x_val, datamodule.y_val) if len(datamodule.x_val) else None

@@ -16,10 +16,12 @@ import pytest
 from tests.helpers import StartedPython, require_backend
 
 PIECES = r'''
-import json, sys
+import gc, json, sys
 from pathlib import Path
 
-from model.runtime import UsageError, select_backend
+from model.runtime import UsageError, pause_garbage_collection, select_backend
+
+pause_garbage_collection()  # as train.py starts; Trainer.fit must turn the collector on again
 
 select_backend("torch")
 import keras
@@ -93,7 +95,9 @@ evaluated = []
 test_step = limited.test_step
 limited.test_step = lambda *args: evaluated.append(1) or test_step(*args)
 trainer = Trainer(max_epochs=2, limit_train_batches=3, eval_batch_size=200, verbose=0)
+out["collector_before_fit"] = gc.isenabled()
 trainer.fit(limited, datamodule)
+out["collector_after_fit"] = [gc.isenabled(), gc.get_freeze_count() > 0]
 out["decay_steps"] = limited.decay_steps
 out["final_learning_rate"] = float(keras.ops.convert_to_numpy(limited.optimizer.learning_rate))
 out["steps_run"] = int(keras.ops.convert_to_numpy(limited.optimizer.iterations))
@@ -178,6 +182,35 @@ def test_validation_and_testing_run_at_the_evaluation_batch_size(trainer_runs):
     pieces, _ = trainer_runs
     assert pieces["validation_batches"] == 2 * 3  # 2 epochs of 500 images in batches of 200 (Keras' own: 32)
     assert pieces["test_batches"] == 5  # 1,000 images in batches of 200
+
+
+def test_fit_turns_the_collector_paused_at_start_on_again(trainer_runs):
+    """train.py pauses Python's garbage collector while the run starts; Trainer.fit must
+    freeze what exists and turn it on again, or the whole run would train without it."""
+    pieces, _ = trainer_runs
+    assert pieces["collector_before_fit"] is False
+    assert pieces["collector_after_fit"] == [True, True]
+
+
+def test_pausing_the_collector_leaves_one_turned_off_elsewhere_off():
+    import gc
+
+    from model import runtime
+
+    enabled = gc.isenabled()
+    try:
+        gc.disable()
+        runtime.pause_garbage_collection()
+        runtime.resume_garbage_collection()
+        assert not gc.isenabled()
+        gc.enable()
+        runtime.pause_garbage_collection()
+        assert not gc.isenabled()
+        runtime.resume_garbage_collection()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        (gc.enable if enabled else gc.disable)()
 
 
 def test_saving_on_torch_does_not_import_tensorflow(trainer_runs):
