@@ -17,7 +17,7 @@ from pathlib import Path
 
 from model.arguments import add_config_flags
 from model.config import AUGMENTATION_SETTINGS, BACKENDS, NO_AUGMENT, TrainConfig
-from model.runtime import UsageError, pause_garbage_collection, select_backend
+from model.runtime import UsageError, pause_garbage_collection, resume_garbage_collection, select_backend
 
 
 def build_parser(**kwargs) -> argparse.ArgumentParser:
@@ -68,8 +68,16 @@ def resume_command(args) -> str:
 
 
 def main(argv=None) -> int:
-    # Off while the frameworks load and the run is set up; the Trainer turns it on again.
+    # Off while the frameworks load and the run is set up; the Trainer turns it on again,
+    # and so does the end of main when no training started (an error, a finished run).
     pause_garbage_collection()
+    try:
+        return _main(argv)
+    finally:
+        resume_garbage_collection()
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     given = given_settings(argv)
     config = config_from(args, given)

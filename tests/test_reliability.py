@@ -234,12 +234,14 @@ def run_main_cases(cases: dict, backend: str) -> dict:
     """name -> (rc, stderr, stdout) of train.main(argv) for each case, all in one process
     (the refusals need no training, and a process start costs seconds)."""
     script = (
-        "import contextlib, io, json, sys\nimport train\nresults = {}\n"
+        "import contextlib, gc, io, json, sys\nimport train\nresults, collector = {}, []\n"
         "for name, argv in json.loads(sys.argv[1]).items():\n"
         "    out, err = io.StringIO(), io.StringIO()\n"
         "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
         "        rc = train.main(argv)\n"
         "    results[name] = [rc, err.getvalue(), out.getvalue()]\n"
+        "    collector.append(gc.isenabled())\n"
+        "results['collector_on_after_main'] = collector\n"
         "print('RESULTS ' + json.dumps(results))\n")
     result = run_python(["-c", script, json.dumps(cases)], backend, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -292,6 +294,13 @@ def test_resume_refuses_what_would_change_the_run(case, refusals):
     _, exit_code, fragments = REFUSED_ON_A_FINISHED_RUN[case]
     check_refusal(results[case], exit_code, fragments)
     assert after == before  # no file of the run was touched by any case
+
+
+def test_main_turns_the_collector_on_again_when_no_training_ran(refusals):
+    """train.main pauses Python's garbage collector while the run starts; a refusal or a
+    finished run (no Trainer.fit) must not leave it off in the calling process."""
+    results, _, _, _ = refusals
+    assert results["collector_on_after_main"] and all(results["collector_on_after_main"])
 
 
 def test_resuming_a_complete_run_changes_nothing(refusals):
