@@ -422,10 +422,10 @@ def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shif
     # Two pixels of zero padding: every sample's four neighbours are gathered unchecked, and
     # a sample outside -1 < q < size (in either direction) has four zero neighbours, so
     # its value is 0 with no mask. Each padded pixel is stored with its right-hand
-    # neighbour as one 8-byte element (`pairs`): two gathers fetch the four neighbours.
+    # neighbour as one 8-byte element (`pairs`, whose border is never written, so stays
+    # zero): two gathers fetch the four neighbours.
     pad, size = 2, min(chunk, n)
-    padded = np.zeros((size, height + 2 * pad, width + 2 * pad), np.float32)
-    pairs = np.empty((size, height + 2 * pad, width + 2 * pad - 1, 2), np.float32)
+    pairs = np.zeros((size, height + 2 * pad, width + 2 * pad - 1, 2), np.float32)
     stride = width + 2 * pad - 1  # pairs per padded row
     first = (np.arange(size, dtype=np.int32) * (height + 2 * pad) * stride)[:, None, None] + pad * stride + pad
     for start in range(0, n, chunk):
@@ -438,9 +438,9 @@ def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shif
         dx = grid_x[None] - centre_x - shifts[start:stop, 1, None, None].astype(np.float32)
         source_y = (cos * dy + sin * dx) * inverse_scale + centre_y
         source_x = (-sin * dy + cos * dx) * inverse_scale + centre_x
-        padded[:count, pad:-pad, pad:-pad] = images[index[start:stop], :, :, 0]
-        pairs[:count, :, :, 0] = padded[:count, :, :-1]
-        pairs[:count, :, :, 1] = padded[:count, :, 1:]
+        chunk_images = images[index[start:stop], :, :, 0]
+        pairs[:count, pad:-pad, pad : pad + width, 0] = chunk_images  # pixel (r, c) at pair (r, c)
+        pairs[:count, pad:-pad, pad - 1 : pad - 1 + width, 1] = chunk_images  # and at pair (r, c - 1)
         top = np.floor(source_y)
         left = np.floor(source_x)
         weight_y = source_y - top
