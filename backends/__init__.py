@@ -36,7 +36,7 @@ FRAMEWORK_FLAGS = {
     # thread: 8.8 and 10.3 ms of a 28-31 ms step (jax.profiler). With YNNPACK kept for
     # the matrix products only, XLA's own (Eigen) convolutions run them: the JAX step
     # 28-31 -> 21-23 ms here. TensorFlow's XLA takes the flag and runs the same either way.
-    "jax": ("jaxlib", (0, 10), "XLA_FLAGS", ["--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"]),
+    "jax": ("jaxlib", (0, 10), "XLA_FLAGS", ["--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"]),
 }
 
 # Defaults every backend's process gets unless the user set the variable: TensorFlow's C++

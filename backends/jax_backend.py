@@ -9,7 +9,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
 
 from backends import layers
@@ -106,22 +105,91 @@ def conv_relu_pool(conv, pool_size: int, inputs):
     """max_pool(relu(conv(inputs) + bias)) of NHWC `inputs`, with the ReLU after the
     pooling and the bias (max commutes with both: the same values), so that the ReLU, the
     bias and their gradients run over a quarter of the values. On a CPU, the pooled
-    convolution is the maximum of conv_rc, the stride-p convolution of the input window
-    whose output is the full convolution's strided sub-grid (r, c)
-    (layers.pooled_conv_windows): the full output is never made, and XLA:CPU's gradient of
-    the full convolution's strided sub-grids, which took most of the step, is gone. A
-    one-off timing on the AVX-512 host (the jit-compiled gradient from the convolution to a
-    loss over the dense layers alone, median of 60 calls, not a results file): 10.8 -> 6.0
-    ms. Elsewhere (GPUs, not measured: none was lent) the full convolution and max_pool.
-    The convolutions are Keras' own op."""
+    convolution is `pooled_conv`: the full convolution is never made. Elsewhere (GPUs,
+    not measured: none was lent) the full convolution and max_pool. The convolutions are
+    Keras' own op."""
     kernel = conv.kernel.value
     windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size) if on_cpu() else None
     if windows is None:
+        import keras
+
         features = keras.ops.conv(inputs, kernel, padding="valid", data_format="channels_last")
         return jax.nn.relu(max_pool(features + conv.bias.value, pool_size))
-    tiles = [keras.ops.conv(inputs[:, rows, columns, :], kernel, strides=pool_size, padding="valid",
-                            data_format="channels_last") for rows, columns in windows]
-    return jax.nn.relu(functools.reduce(jnp.maximum, tiles) + conv.bias.value)
+    return jax.nn.relu(pooled_conv(inputs, kernel, pool_size) + conv.bias.value)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pooled_conv(inputs, kernel, pool_size: int):
+    """max_pool(conv(inputs, kernel), pool_size) of NHWC `inputs`, for a stride-1 "valid"
+    convolution whose output pool_size tiles exactly (layers.pooled_conv_windows is not
+    None): the elementwise maximum of the pool_size**2 tiles, tile (r, c) the stride-p
+    convolution of the input window whose output is the full convolution's strided
+    sub-grid (r, c), each computed as `conv_as_product`.
+
+    Forward values: the stock layers' exactly where XLA:CPU computes matrix products with
+    Eigen, as this project's XLA flags have it (backends.FRAMEWORK_FLAGS): Eigen's product
+    and its convolution sum each output's kernel taps in the same order (tested against the
+    stock network). Gradients: `pooled_conv_gradients`.
+
+    Why: XLA:CPU's convolutions of this CNN (one input channel) ran at ~17 GFLOP/s, 0.7 ms
+    per stride-2 tile, and their kernel gradients as convolutions too. One-off timings on
+    the AVX-512 host (the jit-compiled gradient from the convolution to a loss over the
+    dense layers, medians of 15 x 20 calls, not results files): 9.2-10.3 ms with the four
+    stride-2 convolutions and their own gradients, 8.2-9.4 with these gradients, 6.8-6.9
+    with the products forward as well (and Eigen's products, 3.3 ms of it the dense layers'
+    part against 3.6-3.7 with YNNPACK's)."""
+    return _pooled_conv_forward(inputs, kernel, pool_size)[0]
+
+
+def conv_as_product(inputs, kernel, stride: int):
+    """keras.ops.conv(inputs, kernel, strides=stride, padding="valid") of NHWC inputs as
+    one matrix product, conv_patches(inputs, ...) @ kernel.reshape(-1, out)."""
+    patches = conv_patches(inputs, kernel.shape[0], kernel.shape[1], stride)
+    rows, columns = (inputs.shape[1] - kernel.shape[0]) // stride + 1, (inputs.shape[2] - kernel.shape[1]) // stride + 1
+    return (patches @ kernel.reshape(-1, kernel.shape[-1])).reshape(inputs.shape[0], rows, columns, kernel.shape[-1])
+
+
+def conv_patches(inputs, kernel_height: int, kernel_width: int, stride: int):
+    """The patches a "valid" stride-`stride` convolution of NHWC `inputs` multiplies by a
+    (kernel_height, kernel_width, in, out) kernel: one row per output position (batch,
+    row, column), its taps in the order of the kernel reshaped to (-1, out)."""
+    rows = (inputs.shape[1] - kernel_height) // stride + 1
+    columns = (inputs.shape[2] - kernel_width) // stride + 1
+    taps = [inputs[:, row : row + stride * (rows - 1) + 1 : stride, column : column + stride * (columns - 1) + 1 : stride, :]
+            for row in range(kernel_height) for column in range(kernel_width)]
+    return jnp.stack(taps, axis=3).reshape(-1, kernel_height * kernel_width * inputs.shape[3])
+
+
+def _pooled_conv_forward(inputs, kernel, pool_size: int):
+    windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size)
+    tiles = [conv_as_product(inputs[:, rows, columns, :], kernel, pool_size) for rows, columns in windows]
+    pooled = functools.reduce(jnp.maximum, tiles)
+    return pooled, (inputs, kernel, tiles, pooled)
+
+
+def pooled_conv_gradients(pool_size: int, residuals, gradient):
+    """pooled_conv's gradients (inputs', kernel's) for the pooled output's `gradient`,
+    each output's going to the first tile (in pooled_conv_windows' order) that holds its
+    maximum, as the stock max pooling's does: the kernel's conv_patches(window)^T @ the
+    tile's gradient, summed over the tiles; the inputs' through each product's own
+    gradient (XLA drops it where the inputs are data, as the network's images are)."""
+    inputs, kernel, tiles, pooled = residuals
+    windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size)
+    taken = jnp.zeros(pooled.shape, bool)
+    inputs_gradient, kernel_gradient = jnp.zeros_like(inputs), jnp.zeros(kernel.shape, kernel.dtype)
+    for (rows, columns), tile in zip(windows, tiles):
+        first = (tile == pooled) & ~taken
+        taken = taken | first
+        tile_gradient = jnp.where(first, gradient, 0.0)
+        window = inputs[:, rows, columns, :]
+        patches = conv_patches(window, kernel.shape[0], kernel.shape[1], pool_size)
+        kernel_gradient += (patches.T @ tile_gradient.reshape(-1, kernel.shape[-1])).reshape(kernel.shape)
+        _, window_vjp = jax.vjp(lambda window: conv_as_product(window, kernel, pool_size), window)
+        inputs_gradient = inputs_gradient.at[:, rows, columns, :].add(window_vjp(tile_gradient)[0])
+    return inputs_gradient, kernel_gradient
+
+
+pooled_conv.defvjp(_pooled_conv_forward, pooled_conv_gradients)
 
 
 def on_cpu() -> bool:
@@ -183,6 +251,8 @@ def loss_and_gradients(module, batch):
 
 
 def _update_metrics(module, metrics_state, loss, labels, probabilities):
+    import keras
+
     # Keras' metrics are stateful objects; a stateless scope lets them run on JAX values.
     mapping = list(zip(module.metrics_variables, metrics_state))
     with keras.StatelessScope(state_mapping=mapping) as scope:
@@ -205,6 +275,8 @@ class DataParallel:
 
     def __init__(self, accelerator: str, devices: int, num_nodes: int = 1, node_rank: int = 0,
                  coordinator: str | None = None, timeout_s: float = 300.0):
+        import keras
+
         if num_nodes > 1:
             # Not reachable from train.py yet (model/devices.py refuses it): on 2 local
             # processes the steps ran, but saving from rank 0 alone hangs in Keras'
@@ -249,6 +321,8 @@ class DataParallel:
         """Evaluation with the distribution off: the replicated weights run on whole,
         unsharded batches, so a last batch that does not split over the devices (5,000
         validation images) is evaluated as it is (a sharded one raises IndivisibleError)."""
+        import keras
+
         keras.distribution.set_distribution(None)
         try:
             yield

@@ -600,7 +600,7 @@ def layer_calls(workdir: Path) -> dict:
         # The compiled forward's HLO: how many convolutions XLA runs.
         forward_hlo = tf.function(lambda batch: fused_forward(module.network, batch), jit_compile=True) \
             .experimental_get_compiler_ir(images)(stage="hlo", device_name=tf.config.list_logical_devices("CPU")[0].name)
-        convolutions = forward_hlo.count(" convolution(")
+        convolutions, products = forward_hlo.count(" convolution("), forward_hlo.count(" dot(")
         # Without XLA the fused call keeps one convolution and TensorFlow's MaxPool.
         graph = tf.function(lambda batch: fused_forward(module.network, batch)).get_concrete_function(images).graph
         result["graph_forward_ops"] = sorted(op.type for op in graph.get_operations()
@@ -617,15 +617,15 @@ def layer_calls(workdir: Path) -> dict:
             # The inputs as an argument, not a constant XLA could fold the convolutions into.
             return jax.jit(lambda batch: forward(network, batch))(inputs)
 
-        convolutions = jax.jit(lambda batch: fused_forward(module.network, batch)).lower(images).as_text() \
-            .count("stablehlo.convolution")
+        forward_text = jax.jit(lambda batch: fused_forward(module.network, batch)).lower(images).as_text()
+        convolutions, products = forward_text.count("stablehlo.convolution"), forward_text.count("stablehlo.dot_general")
     else:
         return result
     xla_stock, xla_fused = run(network_forward, compiled), run(fused_forward, compiled)
     result.update(xla_forward_equal=bool(np.array_equal(xla_stock[0], xla_fused[0])),
                   xla_gradient_relative_differences=[float(np.abs(a - b).max() / np.abs(a).max())
                                                      for a, b in zip(xla_stock[1], xla_fused[1])],
-                  xla_forward_convolutions=convolutions,
+                  xla_forward_convolutions=convolutions, xla_forward_products=products,
                   xla_other_forward_equal=bool(np.array_equal(*map(keras.ops.convert_to_numpy, (
                       compiled_forward(other, other_images), compiled_forward(other, other_images, network_forward))))))
     return result
@@ -682,6 +682,52 @@ def compiled_convolution(workdir: Path) -> dict:
     images = _datamodule().x_test[:128]
     compiled = jax.jit(lambda v, x: convolution.stateless_call(v, [], x)[0]).lower(variables, images).compile()
     return {"ynnpack": "ynn_fusion" in compiled.as_text(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+@check
+def pooled_conv(workdir: Path) -> dict:
+    """JAX: backends.jax_backend.pooled_conv (products forward, its own gradients) against
+    the stock ops, keras.ops.conv then keras.ops.max_pool, compiled: forward values, and
+    the inputs' and kernel's gradients, for this CNN's shapes and another (3 input
+    channels, a 5x5 kernel, 4x4 pooling), on inputs with a flat region, where a pooling
+    window holds equal maxima (the stock gradient goes to the first of them)."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return {"applies": False}
+    import jax
+    import numpy as np
+
+    from backends import jax_backend
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for inputs_shape, kernel_shape, pool_size in (((8, 28, 28, 1), (3, 3, 1, 32), 2), ((2, 12, 12, 3), (5, 5, 3, 4), 4)):
+        inputs = rng.normal(size=inputs_shape).astype("float32")
+        inputs[:, : 5 * inputs_shape[1] // 6, : 5 * inputs_shape[2] // 6, :] = 1.0
+        kernel = rng.normal(size=kernel_shape).astype("float32")
+
+        def stock(inputs, kernel, pool_size=pool_size):
+            features = keras.ops.conv(inputs, kernel, padding="valid", data_format="channels_last")
+            return keras.ops.max_pool(features, pool_size, pool_size, padding="valid", data_format="channels_last")
+
+        def fused(inputs, kernel, pool_size=pool_size):
+            return jax_backend.pooled_conv(inputs, kernel, pool_size)
+
+        weights = rng.normal(size=stock(inputs, kernel).shape).astype("float32")
+        outputs, gradients = [], []
+        for function in (stock, fused):
+            outputs.append(np.asarray(jax.jit(function)(inputs, kernel)))
+            gradients.append(jax.jit(jax.grad(lambda i, k, f=function: (f(i, k) * weights).sum(), (0, 1)))(inputs, kernel))
+        _, (_, _, tiles, pooled) = jax_backend._pooled_conv_forward(inputs, kernel, pool_size)
+        tied = sum(np.asarray(tile) == np.asarray(pooled) for tile in tiles) > 1
+        cases.append({
+            "forward_equal": bool(np.array_equal(*outputs)),
+            "tied_maxima": int(tied.sum()),
+            "gradient_relative_differences": [float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max())
+                                              for a, b in zip(*gradients)],
+        })
+    return {"applies": True, "cases": cases}
 
 
 # Keep last: every check above must be registered before main() runs.

@@ -188,8 +188,11 @@ def test_forward_without_layer_wrappers_equals_calling_the_network(backend, back
         assert run["xla_forward_equal"], "forward's probabilities differ from network(...)'s under XLA"
         assert max(run["xla_gradient_relative_differences"]) <= 1e-5, run["xla_gradient_relative_differences"]
         assert run["xla_other_forward_equal"], "a 5x5 kernel with 4x4 pooling fused wrongly under XLA"
-        # Compiled, the fused call is four stride-2 convolutions, one per pooling offset.
-        assert run["xla_forward_convolutions"] == 4, run["xla_forward_convolutions"]
+        # Compiled, the fused call is four stride-2 convolutions, one per pooling offset: on
+        # TensorFlow XLA's, on JAX matrix products (pooled_conv).
+        expected = {"tensorflow": (4, 2), "jax": (0, 6)}[backend]  # (convolutions, products), the dense layers' 2 included
+        assert (run["xla_forward_convolutions"], run["xla_forward_products"]) == expected, \
+            (run["xla_forward_convolutions"], run["xla_forward_products"])
     if backend == "tensorflow":
         # Without XLA (eager, or tf.function as on AVX-512 CPUs): one convolution and MaxPool.
         assert run["graph_forward_ops"] == ["Conv2D", "MaxPool"], run["graph_forward_ops"]
@@ -214,6 +217,21 @@ def test_jax_convolutions_compile_to_xla_own_kernels(backend, backend_results):
     result = check_value(backend_results(backend), "compiled_convolution")
     assert FRAMEWORK_FLAGS["jax"][3][0] in result["xla_flags"].split()
     assert result["ynnpack"] is False, "XLA compiled the convolution to YNNPACK: the XLA_FLAGS setting did not take"
+
+
+@pytest.mark.only_backends("jax", reason="the pooled convolution with its own gradients is JAX's (TensorFlow "
+                            "and torch use their frameworks' convolution and pooling gradients)")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jax_pooled_convolution_equals_the_stock_ops(backend, backend_results):
+    """backends/jax_backend.py pooled_conv: the stock convolution and max pooling's values
+    exactly, and their inputs' and kernel's gradients within 1e-5, where pooling windows
+    hold equal maxima too (the gradient goes to the first, as the stock pooling's does)."""
+    result = check_value(backend_results(backend), "pooled_conv")
+    assert result["applies"]
+    for case in result["cases"]:
+        assert case["forward_equal"], "pooled_conv's values differ from the stock convolution and pooling's"
+        assert case["tied_maxima"] > 0, "the inputs made no equal maxima: the tie rule went unchecked"
+        assert max(case["gradient_relative_differences"]) <= 1e-5, case["gradient_relative_differences"]
 
 
 def test_framework_flags_are_appended_and_the_users_own_win():

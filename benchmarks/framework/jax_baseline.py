@@ -18,7 +18,9 @@ step was no faster (42.3 vs 41.7 ms, interleaved, quiet), so lax.conv stays.
 Later (AVX-512 host, quiet, the jit-ed gradient from the convolution to a loss over the
 dense layers alone, a one-off timing, median of 60 calls, not a results file): the strided
 maximum over the full convolution 10.8 ms, the maximum of four stride-2 convolutions, one
-per pooling offset (conv_relu_pool), 6.0 ms: kept, on CPUs.
+per pooling offset (conv_relu_pool), 6.0 ms: kept, on CPUs. Then those four convolutions as
+matrix products of their patches, with their own gradients (pooled_conv in
+backends/jax_backend.py, which the Keras path calls too; its docstring has the timings).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from backends.jax_backend import pooled_conv
 from backends.layers import pooled_conv_windows
 from benchmarks.framework import BETA_1, BETA_2, EPSILON, PREDICT_BATCH_SIZE, PROBABILITY_EPSILON, TrainState
 
@@ -42,20 +45,16 @@ def conv_relu_pool(images, kernel, bias):
     """max_pool(relu(conv(images) + bias)) for a 2x2 pooling that tiles the "valid"
     convolution exactly, with the ReLU after the pooling and the bias, over a quarter of
     the values (the same numbers: max commutes with ReLU and with adding the same bias), as
-    the Keras path computes it (conv_relu_pool in backends/jax_backend.py): on a CPU the
-    maximum of four stride-2 convolutions, one per pooling offset (the windows of
-    backends/layers.py pooled_conv_windows), elsewhere the full convolution and its strided
-    maximum."""
-    windows = pooled_conv_windows(images.shape, kernel.shape, 2) if jax.default_backend() == "cpu" else None
-    if windows is None:
+    the Keras path computes it (conv_relu_pool in backends/jax_backend.py): on a CPU
+    pooled_conv, the maximum of four stride-2 convolutions (one per pooling offset: the
+    windows of backends/layers.py pooled_conv_windows) computed as matrix products,
+    elsewhere the full convolution and its strided maximum."""
+    if jax.default_backend() != "cpu" or pooled_conv_windows(images.shape, kernel.shape, 2) is None:
         features = jax.lax.conv_general_dilated(images, kernel, (1, 1), "VALID",
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
         tiles = [features[:, row::2, column::2, :] for row in range(2) for column in range(2)]
-    else:
-        tiles = [jax.lax.conv_general_dilated(images[:, rows, columns, :], kernel, (2, 2), "VALID",
-                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-                 for rows, columns in windows]
-    return jax.nn.relu(functools.reduce(jnp.maximum, tiles) + bias)
+        return jax.nn.relu(functools.reduce(jnp.maximum, tiles) + bias)
+    return jax.nn.relu(pooled_conv(images, kernel, 2) + bias)
 
 
 def forward(params, images):
