@@ -31,11 +31,15 @@ BACKEND_MODULES = {
 # backend: (package, lowest version measured with, variable, flags). XLA aborts on a flag
 # it does not know, hence the version floor.
 FRAMEWORK_FLAGS = {
-    # jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default, where this CNN's
-    # (one input channel, and the kernel gradient: a conv with a 26x26 "kernel") run on one
-    # thread: 8.8 and 10.3 ms of a 28-31 ms step (jax.profiler). With YNNPACK kept for
-    # the matrix products only, XLA's own (Eigen) convolutions run them: the JAX step
-    # 28-31 -> 21-23 ms here. TensorFlow's XLA takes the flag and runs the same either way.
+    # jaxlib 0.10's XLA:CPU hands convolutions and matrix products to YNNPACK by default,
+    # where this CNN's convolutions (one input channel, and the kernel gradient: a conv with
+    # a 26x26 "kernel") ran on one thread: 8.8 and 10.3 ms of a 28-31 ms step
+    # (jax.profiler). With YNNPACK kept for reductions only, XLA's own (Eigen) kernels run
+    # the convolutions and the products: Eigen's product sums a row's taps in the order its
+    # convolution does, so jax_backend.pooled_conv's products give the stock convolution's
+    # values exactly (tested), and the dense layers' gradient took 3.3 ms against 3.6-3.7
+    # with YNNPACK's products (one-off timings, jax_backend.pooled_conv's docstring).
+    # TensorFlow's XLA is not given the flag.
     "jax": ("jaxlib", (0, 10), "XLA_FLAGS", ["--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"]),
 }
 
