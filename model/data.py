@@ -395,10 +395,6 @@ def shift_images(images: np.ndarray, shifts: np.ndarray, index: np.ndarray | Non
 
 # Images per piece of an EpochStream, at least: about 40 ms of warping on a 2-core host.
 PIECE_IMAGES = 2048
-# The nice value of an EpochStream's thread on Linux: the lowest CPU priority, so that it
-# runs where the training step leaves a core idle instead of taking one from the step's
-# own threads (EpochStream._produce).
-AUGMENTATION_NICENESS = 19
 
 
 def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shifts: np.ndarray,
@@ -595,26 +591,12 @@ class MNISTDataModule:
                     yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
 
 
-def lower_thread_priority(niceness: int) -> None:
-    """Give the calling thread the nice value `niceness` (Linux, where a nice value belongs
-    to a thread and setpriority takes a thread's id); elsewhere, or where the OS refuses,
-    nothing changes: the priority is a speed setting, not a result."""
-    if not sys.platform.startswith("linux"):
-        return  # elsewhere setpriority's id is a process's: it would renice the whole run
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except OSError:
-        pass
-
-
 class EpochStream:
     """Epochs first_epoch to stop_epoch - 1 of a data module, augmented by a background
     thread piece by piece (`epoch_pieces`), at most one epoch ahead of what was consumed:
     training starts after one piece instead of a whole epoch, and each later epoch is
     ready when the one before it ends. numpy releases the GIL in its array loops, so the
-    thread runs beside the training steps, at the lowest CPU priority (Linux): where the
-    step keeps every core busy, the step's own threads come first and an epoch whose
-    pieces are not ready waits for them. close() (or leaving a `with` block) stops it.
+    thread runs beside the training steps. close() (or leaving a `with` block) stops it.
 
         with datamodule.stream(0, 2) as stream:
             for epoch, index, images, labels in stream.pieces(): ...
@@ -629,7 +611,6 @@ class EpochStream:
         self._thread.start()
 
     def _produce(self) -> None:
-        lower_thread_priority(AUGMENTATION_NICENESS)
         try:
             for epoch in range(self.first_epoch, self.stop_epoch):
                 for index, (images, labels) in enumerate(self.datamodule.epoch_pieces(epoch)):

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from model.data import (
-    AUGMENTATION_NICENESS,
     CACHE_FILENAME,
     IDX_FILES,
     PATH_ENV,
@@ -753,23 +752,6 @@ def test_stream_stops_when_closed_early_and_teardown_stops_the_rest(mnist_arrays
     assert left._thread.is_alive()
     module.teardown()
     assert not left._thread.is_alive() and not _augmentation_threads()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
-def test_stream_thread_runs_at_the_lowest_priority_and_the_caller_keeps_its_own(mnist_arrays):
-    """The augmentation thread yields the cores to the training step's threads; the
-    process's other threads (the step's) keep their priority."""
-    import threading
-
-    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    module = MNISTDataModule(seed=0).setup(mnist_arrays)
-    stream = module.stream(0, 30)  # more than the queue holds: the thread stays alive
-    next(stream.pieces())
-    assert stream._thread.is_alive()
-    assert os.getpriority(os.PRIO_PROCESS, stream._thread.native_id) == AUGMENTATION_NICENESS
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own
-    assert os.getpriority(os.PRIO_PROCESS, os.getpid()) == own  # the process's main thread too
-    module.teardown()
 
 
 def test_stream_hands_an_augmentation_error_to_the_consumer(mnist_arrays):
