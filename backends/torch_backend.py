@@ -340,9 +340,11 @@ def launch(function, args, config) -> int:
     each running function(local_rank, *args) in a process group (Gloo on CPU, NCCL on
     GPU), and wait for them; returns the first non-zero exit code. When one exits with
     an error, torch.multiprocessing stops the others. (torchrun's agent process is not
-    used: a worker that exits without destroy_process_group can abort in Gloo's threads
-    at interpreter teardown, "terminate called without an active exception",
-    pytorch/pytorch#190489; `_process` destroys the group on success.)"""
+    used: its workers exit through the interpreter's teardown, where a C++ thread of
+    torch's left joinable aborts the process, "terminate called without an active
+    exception", pytorch/pytorch#190489. `_process` destroys the group on success and then
+    leaves without that teardown: with the group destroyed alone, 1 worker in 14 still
+    aborted there in the benchmark's 2-device cell, after its work was done.)"""
     if config.num_nodes > 1:
         host, port = config.coordinator.rsplit(":", 1)
     else:
@@ -386,11 +388,11 @@ def _process(local_rank, function, args, settings):
                             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     code = function(local_rank, *args)
     if code == 0:
-        # Before the interpreter's teardown, while Gloo's threads can still be joined.
+        # While Gloo's threads can still be joined; the worker's files are written and closed.
         dist.destroy_process_group()
-        sys.exit(0)
-    # On failure other processes may still be inside a collective: destroying the group
-    # could wait for them; leave at once (the launcher stops the rest).
+    # No interpreter teardown (its C++ destructors can abort a worker whose work is done, see
+    # launch); on failure other processes may still be inside a collective, where destroying
+    # the group could wait for them: leave at once (the launcher stops the rest).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -247,6 +247,21 @@ def test_a_torch_worker_that_dies_stops_the_others_with_a_clear_message(tmp_path
             os.kill(pid, 0)  # no worker outlives the launcher
 
 
+def test_a_torch_worker_whose_work_is_done_exits_without_the_interpreters_teardown(tmp_path):
+    """The interpreter's teardown can abort a torch worker after its work (a C++ thread left
+    joinable, pytorch/pytorch#190489; 1 worker in 14 in the benchmark's 2-device cell): a
+    finished worker must leave without it, so the run exits 0. The workers here finish,
+    then arm an abort for that teardown."""
+    require_backend("torch")
+    code = ("import sys; from backends import torch_backend; from model.config import TrainConfig; "
+            "from tests.teardown_worker import finish_then_abort_at_teardown; "
+            "config = TrainConfig(devices=2, accelerator='cpu', output_dir=None); "
+            f"sys.exit(torch_backend.launch(finish_then_abort_at_teardown, ({str(tmp_path)!r},), config))")
+    result = run_python(["-c", code], backend="torch", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["rank0.done", "rank1.done"]
+
+
 def test_torch_on_two_nodes_of_one_device_equals_two_devices(two_device_runs, tmp_path):
     """--num-nodes 2 on localhost: two train.py commands, one per "machine", joined through
     --coordinator; the same 2 replicas as --devices 2, so the same weights."""
