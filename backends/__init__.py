@@ -38,7 +38,9 @@ FRAMEWORK_FLAGS = {
     # the convolutions and the products: Eigen's product sums a row's taps in the order its
     # convolution does, so jax_backend.pooled_conv's products give the stock convolution's
     # values exactly (tested), and the dense layers' gradient took 3.3 ms against 3.6-3.7
-    # with YNNPACK's products (one-off timings, jax_backend.pooled_conv's docstring).
+    # with YNNPACK's products (one-off timings, jax_backend.pooled_conv's docstring) and
+    # 4.2-4.3 with YNNPACK off altogether (an empty value): hence REDUCE, not nothing.
+    # The value replaces XLA's whole list of what YNNPACK takes.
     # TensorFlow's XLA is not given the flag.
     "jax": ("jaxlib", (0, 10), "XLA_FLAGS", ["--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"]),
 }

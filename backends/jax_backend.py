@@ -105,9 +105,9 @@ def conv_relu_pool(conv, pool_size: int, inputs):
     """max_pool(relu(conv(inputs) + bias)) of NHWC `inputs`, with the ReLU after the
     pooling and the bias (max commutes with both: the same values), so that the ReLU, the
     bias and their gradients run over a quarter of the values. On a CPU, the pooled
-    convolution is `pooled_conv`: the full convolution is never made. Elsewhere (GPUs,
-    not measured: none was lent) the full convolution and max_pool. The convolutions are
-    Keras' own op."""
+    convolution is `pooled_conv` (matrix products of the input's patches): the full
+    convolution is never made. Elsewhere (GPUs, not measured: none was lent), and for
+    shapes the pooling does not tile exactly, Keras' own convolution and max_pool."""
     kernel = conv.kernel.value
     windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size) if on_cpu() else None
     if windows is None:
@@ -129,7 +129,8 @@ def pooled_conv(inputs, kernel, pool_size: int):
     Forward values: the stock layers' exactly where XLA:CPU computes matrix products with
     Eigen, as this project's XLA flags have it (backends.FRAMEWORK_FLAGS): Eigen's product
     and its convolution sum each output's kernel taps in the same order (tested against the
-    stock network). Gradients: `pooled_conv_gradients`.
+    stock network). Gradients: `pooled_conv_gradients` (reverse mode only: a custom_vjp
+    has no forward-mode rule, so jax.jvp and jax.jacfwd through it are refused).
 
     Why: XLA:CPU's convolutions of this CNN (one input channel) ran at ~17 GFLOP/s, 0.7 ms
     per stride-2 tile, and their kernel gradients as convolutions too. One-off timings on
@@ -162,6 +163,10 @@ def conv_patches(inputs, kernel_height: int, kernel_width: int, stride: int):
 
 def _pooled_conv_forward(inputs, kernel, pool_size: int):
     windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size)
+    if windows is None:
+        raise ValueError(f"pooled_conv needs a 'valid' convolution output that pool_size={pool_size} tiles exactly; "
+                         f"got inputs of shape {tuple(inputs.shape)} and a kernel of shape {tuple(kernel.shape)}. "
+                         "Use keras.ops.conv and keras.ops.max_pool for these shapes.")
     tiles = [conv_as_product(inputs[:, rows, columns, :], kernel, pool_size) for rows, columns in windows]
     pooled = functools.reduce(jnp.maximum, tiles)
     return pooled, (inputs, kernel, tiles, pooled)
@@ -170,7 +175,10 @@ def _pooled_conv_forward(inputs, kernel, pool_size: int):
 def pooled_conv_gradients(pool_size: int, residuals, gradient):
     """pooled_conv's gradients (inputs', kernel's) for the pooled output's `gradient`,
     each output's going to the first tile (in pooled_conv_windows' order) that holds its
-    maximum, as the stock max pooling's does: the kernel's conv_patches(window)^T @ the
+    maximum, as keras.layers.MaxPooling2D's does (TiledMaxPooling2D's `max_pool` above,
+    a chain of maxima, splits it among equal maxima instead; where equal maxima come from
+    equal patches, as in the images' blank background, the kernel's gradient is the same
+    either way, and the network's images take no gradient): the kernel's conv_patches(window)^T @ the
     tile's gradient, summed over the tiles; the inputs' through each product's own
     gradient (XLA drops it where the inputs are data, as the network's images are)."""
     inputs, kernel, tiles, pooled = residuals

@@ -189,8 +189,10 @@ def test_forward_without_layer_wrappers_equals_calling_the_network(backend, back
         assert max(run["xla_gradient_relative_differences"]) <= 1e-5, run["xla_gradient_relative_differences"]
         assert run["xla_other_forward_equal"], "a 5x5 kernel with 4x4 pooling fused wrongly under XLA"
         # Compiled, the fused call is four stride-2 convolutions, one per pooling offset: on
-        # TensorFlow XLA's, on JAX matrix products (pooled_conv).
-        expected = {"tensorflow": (4, 2), "jax": (0, 6)}[backend]  # (convolutions, products), the dense layers' 2 included
+        # TensorFlow XLA's (its HLO for the CPU), on JAX matrix products (pooled_conv) on a
+        # CPU, and the full convolution elsewhere.
+        jax_counts = (0, 6) if run.get("jax_on_cpu", True) else (1, 2)
+        expected = {"tensorflow": (4, 2), "jax": jax_counts}[backend]  # (convolutions, products), the dense layers' 2 included
         assert (run["xla_forward_convolutions"], run["xla_forward_products"]) == expected, \
             (run["xla_forward_convolutions"], run["xla_forward_products"])
     if backend == "tensorflow":
@@ -227,11 +229,14 @@ def test_jax_pooled_convolution_equals_the_stock_ops(backend, backend_results):
     exactly, and their inputs' and kernel's gradients within 1e-5, where pooling windows
     hold equal maxima too (the gradient goes to the first, as the stock pooling's does)."""
     result = check_value(backend_results(backend), "pooled_conv")
-    assert result["applies"]
+    if not result["applies"]:
+        pytest.skip("pooled_conv is JAX's CPU path; JAX computes on another device here")
     for case in result["cases"]:
         assert case["forward_equal"], "pooled_conv's values differ from the stock convolution and pooling's"
         assert case["tied_maxima"] > 0, "the inputs made no equal maxima: the tie rule went unchecked"
         assert max(case["gradient_relative_differences"]) <= 1e-5, case["gradient_relative_differences"]
+    refusal = result["untiled_refusal"]
+    assert refusal and "pool_size=2" in refusal and "(1, 13, 13, 1)" in refusal and "keras.ops.conv" in refusal, refusal
 
 
 def test_framework_flags_are_appended_and_the_users_own_win():
