@@ -175,12 +175,12 @@ def _pooled_conv_forward(inputs, kernel, pool_size: int):
 def pooled_conv_gradients(pool_size: int, residuals, gradient):
     """pooled_conv's gradients (inputs', kernel's) for the pooled output's `gradient`,
     each output's going to the first tile (in pooled_conv_windows' order) that holds its
-    maximum, as keras.layers.MaxPooling2D's does (TiledMaxPooling2D's `max_pool` above,
-    a chain of maxima, splits it among equal maxima instead; where equal maxima come from
-    equal patches, as in the images' blank background, the kernel's gradient is the same
-    either way, and the network's images take no gradient): the kernel's conv_patches(window)^T @ the
-    tile's gradient, summed over the tiles; the inputs' through each product's own
-    gradient (XLA drops it where the inputs are data, as the network's images are)."""
+    maximum, as keras.layers.MaxPooling2D's does: the kernel's conv_patches(window)^T @
+    the tile's gradient, summed over the tiles; the inputs' through each product's own
+    gradient (XLA drops it where the inputs are data, as the network's images are).
+    TiledMaxPooling2D's `max_pool` above, a chain of maxima, splits the gradient among
+    equal maxima instead; where equal maxima come from equal patches, as in the images'
+    blank background, the kernel's gradient is the same either way."""
     inputs, kernel, tiles, pooled = residuals
     windows = layers.pooled_conv_windows(inputs.shape, kernel.shape, pool_size)
     taken = jnp.zeros(pooled.shape, bool)
