@@ -286,13 +286,15 @@ def headline_table(rows: list[dict]) -> list[str]:
         if tta:
             seconds = (f"{tta['seconds_to_target']:.0f} s ({tta['epochs_to_target']:g} epochs)"
                        if tta.get("seconds_to_target") is not None else f"not reached ({tta['test_accuracy']:.4f})")
-        floor = f"{fit['pct_of_floor']:.0f}%" if fit and fit.get("pct_of_floor") is not None else "–"
+        floors = [f"{fit[name]:.0f}%" if fit and fit.get(name) is not None else "–"
+                  for name in ("pct_of_floor", "pct_of_machine_floor")]
         lines.append([*([machine] if len(machines) > 1 else []), backend, device,
                       _interval(fit["step_ms_median"], fit.get("step_ms_ci95")) if fit else "–",
                       _interval(framework["step_ms_median"], framework.get("step_ms_ci95")) if framework else "–",
-                      _ratio(fit) if fit else "–", floor, seconds])
+                      _ratio(fit) if fit else "–", *floors, seconds])
     columns = [*(["machine"] if len(machines) > 1 else []), "backend", "device", "Keras fit ms/step [95% CI]",
-               "hand-written ms/step [95% CI]", "Keras overhead [95% CI]", "% of floor", target_header]
+               "hand-written ms/step [95% CI]", "Keras overhead [95% CI]", "% of floor", "% of machine floor",
+               target_header]
     return _table(columns, lines) if lines else ["No training cell ran."]
 
 
@@ -365,9 +367,11 @@ def details_table(rows: list[dict]) -> list[str]:
                       _number(row.get("images_per_s"), 0), _number(row.get("compile_s"), 2),
                       _number(row.get("data_s_per_epoch"), 2), _number(row.get("epoch_s")),
                       _number(row.get("floor_gflops"), 0), _number(row.get("achieved_gflops"), 0),
-                      _number(row.get("pct_of_floor")), _ratio(row), "; ".join(filter(None, notes))])
+                      _number(row.get("pct_of_floor")), _number(row.get("pct_of_machine_floor")), _ratio(row),
+                      "; ".join(filter(None, notes))])
     columns = ["backend", "device", "path", "batch", "rounds ok", "step ms [95% CI]", "p90 ms", "images/s", "compile s",
-               "data s/epoch", "epoch s", "floor GFLOP/s", "achieved GFLOP/s", "% of floor", "× framework [95% CI]", "note"]
+               "data s/epoch", "epoch s", "floor GFLOP/s", "achieved GFLOP/s", "% of floor", "% of machine floor",
+               "× framework [95% CI]", "note"]
     return _table(columns, lines) if lines else []
 
 
@@ -427,7 +431,9 @@ LEGEND = (
     "Keras overhead: Keras fit's step over the hand-written framework loop's, per round from the pair "
     "that ran side by side, then the median and 95% CI; n.s. where the CI holds 1.0. % of floor: "
     "achieved GFLOP/s (training FLOPs per image x images/s) over the framework's own sgemm GFLOP/s at "
-    "the model's largest matmul, measured in the cell's process. Time to target: wall seconds from "
+    "the model's largest matmul, measured in the cell's process. % of machine floor: the same over the "
+    "highest such floor of any training cell on the machine and device (a framework's flags can slow "
+    "its own sgemm, and so lower its own floor). Time to target: wall seconds from "
     "the process start until the test accuracy checked at an epoch end first reached it, the checks "
     "left out. Few rounds give coarse CIs (benchmarks/confidence.py)."
 )

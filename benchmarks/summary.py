@@ -8,7 +8,9 @@ from one file, or from several merged, recomputes them the same way. Per trainin
 the median across rounds of the window's mean step time with its 95% bootstrap CI, and
 the Keras-over-framework ratio computed per round from the pair that ran in the same
 block of the same round, then its median and CI; for keras-fit on N > 1 devices
-(device_count), its images/s over the 1-device keras-fit's, paired the same way.
+(device_count), its images/s over the 1-device keras-fit's, paired the same way; and
+the share of the machine's floor (the best sgemm rate of any row on that machine and
+device) beside the share of the row's own framework's.
 """
 
 from __future__ import annotations
@@ -199,5 +201,34 @@ def add_device_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def add_machine_floors(rows: list[dict]) -> list[dict]:
+    """machine_floor_gflops per training row: the highest floor_gflops of any training row
+    on the same machine and device (each row's the median of its rounds, measured in its
+    own framework's process), machine_floor_backend whose it was, and pct_of_machine_floor
+    against it. A framework's flags can slow its own sgemm (JAX's REDUCE flag, backends/
+    FRAMEWORK_FLAGS), which lowers its own floor and so raises its pct_of_floor; the
+    machine's floor is the best rate the run saw on that hardware, whoever measured it."""
+
+    def key(row):
+        return row.get("machine"), row["device"]
+
+    best: dict = {}
+    for row in rows:
+        if row["path"] in PATHS and row["status"] == "ok" and _number(row.get("floor_gflops")):
+            if key(row) not in best or row["floor_gflops"] > best[key(row)]["floor_gflops"]:
+                best[key(row)] = row
+    for row in rows:
+        if row["path"] not in PATHS:
+            continue
+        row.update(machine_floor_gflops=None, machine_floor_backend=None, pct_of_machine_floor=None)
+        anchor = best.get(key(row))
+        if anchor is None or row["status"] != "ok":
+            continue
+        row.update(machine_floor_gflops=anchor["floor_gflops"], machine_floor_backend=anchor["backend"])
+        if row.get("flops_per_image") and row.get("images_per_s"):
+            row["pct_of_machine_floor"] = pct_of_floor(row["flops_per_image"], row["images_per_s"], anchor["floor_gflops"])
+    return rows
+
+
 def summarize_cells(rows: list[dict]) -> list[dict]:
-    return add_device_ratios(add_framework_ratios([summarize_row(row) for row in rows]))
+    return add_machine_floors(add_device_ratios(add_framework_ratios([summarize_row(row) for row in rows])))

@@ -582,6 +582,32 @@ def test_ratios_are_paired_by_round_and_marked_when_not_significant():
     assert jax["pct_of_floor"] == pytest.approx(4_939_776 * (128_000 / 22.0) / 1e9 / 100 * 100)
 
 
+def test_the_machine_floor_is_the_best_floor_any_training_cell_measured_on_that_machine_and_device():
+    """A framework whose own flags slow its sgemm (80 GFLOP/s here, against torch's 100 on the
+    same host) gets a high share of its own floor; against the machine's floor, torch's,
+    its share is the honest one. Another machine's faster floor is not this one's."""
+    here = synthetic_run("cpu-test-2c-avx2", [
+        training_row("jax", "keras-fit", [22.0] * 5, floor=(80.0, 80.0)),
+        training_row("jax", "framework", [20.0] * 5, floor=(80.0, 80.0)),
+        training_row("torch", "keras-fit", [25.0] * 5, floor=(100.0, 100.0)),
+        training_row("torch", "framework", [24.0] * 5, floor=(98.0, 98.0)),
+    ])
+    elsewhere = synthetic_run("cpu-other-2c-avx512", [training_row("tensorflow", "keras-fit", [10.0] * 5, floor=(300.0, 300.0))])
+    rows = {(r.get("machine"), r["backend"], r["path"]): r for r in merge_cells([here, elsewhere])}
+    jax = rows[("cpu-test-2c-avx2", "jax", "keras-fit")]
+    achieved = 4_939_776 * (128_000 / 22.0) / 1e9
+    assert jax["pct_of_floor"] == pytest.approx(achieved / 80 * 100)
+    assert jax["machine_floor_gflops"] == 100.0 and jax["machine_floor_backend"] == "torch"
+    assert jax["pct_of_machine_floor"] == pytest.approx(achieved / 100 * 100)
+    torch = rows[("cpu-test-2c-avx2", "torch", "keras-fit")]
+    assert torch["pct_of_machine_floor"] == pytest.approx(torch["pct_of_floor"])
+    other = rows[("cpu-other-2c-avx512", "tensorflow", "keras-fit")]
+    assert other["machine_floor_gflops"] == 300.0 and other["machine_floor_backend"] == "tensorflow"
+    lines = markdown_report([here], merge_cells([here])).splitlines()
+    jax_line = next(line for line in lines if line.startswith("| jax | cpu |"))
+    assert f"| {achieved / 80 * 100:.0f}% | {achieved:.0f}% |" in jax_line
+
+
 def test_data_parallel_cell_is_paired_with_its_one_device_cell_and_tabled():
     """images/s on 2 devices over 1 device, per round: the host's drift cancels (0.80 in
     every round); the 2-device row stays out of the headline, the chart and the Keras-overhead ratios."""
@@ -644,7 +670,7 @@ def test_report_headline_tables_and_collapsed_skips(tmp_path):
                         "significant: their CIs overlap); Keras' overhead over the hand-written loop is significant "
                         "on jax and not significant on torch.")
     assert lines[4] == ("| backend | device | Keras fit ms/step [95% CI] | hand-written ms/step [95% CI] | "
-                        "Keras overhead [95% CI] | % of floor | time to 99% |")
+                        "Keras overhead [95% CI] | % of floor | % of machine floor | time to 99% |")
     jax_row = next(line for line in lines if line.startswith("| jax | cpu |"))
     assert "1.10× [1.10–1.10] |" in jax_row and "75 s (4 epochs)" in jax_row
     assert "n.s." in next(line for line in lines if line.startswith("| torch | cpu |"))
@@ -675,7 +701,7 @@ def test_report_has_a_time_to_accuracy_row_per_backend_and_recipe():
     new = synthetic_run("cpu-test-2c-avx2", synthetic_matrix() + [
         tta_row("torch", 14.2, "fast", epochs=2), tta_row("jax", 75.0, "default"), tta_row("jax", 12.5, "fast", epochs=2)])
     lines = markdown_report([new], merge_cells([new])).splitlines()
-    assert lines[4].endswith("| % of floor | time to 99%, default recipe |")
+    assert lines[4].endswith("| % of floor | % of machine floor | time to 99%, default recipe |")
     assert next(line for line in lines if line.startswith("| jax | cpu |")).endswith("| 75 s (4 epochs) |")
     header = lines.index("## Time to accuracy") + 2
     assert lines[header].startswith("| backend | device | recipe | seconds from process start to 99% [95% CI] |")
@@ -728,7 +754,7 @@ def test_report_of_two_machines_keeps_them_apart():
     rows = merge_cells([avx2, avx512])
     lines = markdown_report([avx2, avx512], rows).splitlines()
     assert "On CPU (cpu-test-2c-avx2), jax" in lines[2] and "on CPU (cpu-test-2c-avx512), jax" in lines[2]
-    assert lines[4].startswith("| machine | backend | device |") and lines[4].count("|") - 1 == 8
+    assert lines[4].startswith("| machine | backend | device |") and lines[4].count("|") - 1 == 9
     assert [line.split(" | ")[:2] for line in lines[6:9]] == [["| cpu-test-2c-avx2", "jax"], ["| cpu-test-2c-avx2", "torch"],
                                                              ["| cpu-test-2c-avx512", "jax"]]
 
