@@ -225,7 +225,9 @@ def add_machine_floors(rows: list[dict]) -> list[dict]:
         if anchor is None or row["status"] != "ok":
             continue
         row.update(machine_floor_gflops=anchor["floor_gflops"], machine_floor_backend=anchor["backend"])
-        if row.get("flops_per_image") and row.get("images_per_s"):
+        # Only beside a share of the row's own floor: rows that measured none (data parallel
+        # on simulated devices) get neither.
+        if row.get("pct_of_floor") is not None:
             row["pct_of_machine_floor"] = pct_of_floor(row["flops_per_image"], row["images_per_s"], anchor["floor_gflops"])
     return rows
 

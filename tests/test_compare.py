@@ -606,6 +606,10 @@ def test_the_machine_floor_is_the_best_floor_any_training_cell_measured_on_that_
     lines = markdown_report([here], merge_cells([here])).splitlines()
     jax_line = next(line for line in lines if line.startswith("| jax | cpu |"))
     assert f"| {achieved / 80 * 100:.0f}% | {achieved:.0f}% |" in jax_line
+    for result in here["cells"][0]["rounds"]:  # a row with no floor of its own gets no share of the machine's
+        del result["floor_before"], result["floor_after"]
+    unmeasured = next(r for r in merge_cells([here]) if (r["backend"], r["path"]) == ("jax", "keras-fit"))
+    assert unmeasured["pct_of_floor"] is None and unmeasured["pct_of_machine_floor"] is None
 
 
 def test_data_parallel_cell_is_paired_with_its_one_device_cell_and_tabled():
