@@ -63,13 +63,6 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     return datamodule.batches_from(first_epoch, stop_epoch)
 
 
-def augment_ahead() -> bool:
-    """Whether the data module augments ahead, in a thread beside the steps (EpochStream):
-    yes, on the CPU too, where XLA's thread pool shares the cores with it for less than
-    making each epoch at its start costs (between-epochs-ab/ in benchmarks/results/)."""
-    return True
-
-
 # ---------------------------------------------------------------------- optimizer
 
 

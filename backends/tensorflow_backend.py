@@ -108,13 +108,6 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     return tf.data.Dataset.range((stop_epoch - first_epoch) * per_epoch).flat_map(piece_batches).prefetch(2)
 
 
-def augment_ahead() -> bool:
-    """Whether the data module augments ahead, in a thread beside the steps (EpochStream):
-    yes, on the CPU too, where TensorFlow's thread pool shares the cores with it for less
-    than making each epoch at its start costs (between-epochs-ab/ in benchmarks/results/)."""
-    return True
-
-
 # ---------------------------------------------------------------------- optimizer
 
 

@@ -68,15 +68,6 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     return datamodule.batches_from(first_epoch, stop_epoch)
 
 
-def augment_ahead() -> bool:
-    """Whether the data module augments ahead, in a thread beside the steps (EpochStream):
-    on a GPU, whose host cores wait on the device; not on the CPU, where the step's OpenMP
-    threads take every core and wait for each other at each parallel op, so a thread
-    beside them slows every step: each epoch is made at its start instead, on every core
-    (README, "The recipe", and benchmarks/results/.../between-epochs-ab/)."""
-    return torch.cuda.is_available()
-
-
 # ---------------------------------------------------------------------- optimizer
 
 

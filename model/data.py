@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import functools
 import io
 import os
 import pickle
@@ -32,7 +31,6 @@ import sys
 import tempfile
 import threading
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -397,8 +395,6 @@ def shift_images(images: np.ndarray, shifts: np.ndarray, index: np.ndarray | Non
 
 # Images per piece of an EpochStream, at least: about 40 ms of warping on a 2-core host.
 PIECE_IMAGES = 2048
-# The name of the threads that augment (EpochStream).
-AUGMENTATION_THREAD = "mnist-augmentation"
 
 
 def warp_images(images: np.ndarray, angles: np.ndarray, scales: np.ndarray, shifts: np.ndarray,
@@ -482,10 +478,6 @@ class MNISTDataModule:
     # Leave out an epoch's last, smaller batch (data-parallel runs: every batch must
     # split evenly over the replicas). The order of the batches kept is unchanged.
     drop_last: bool = False
-    # Where stream() augments (EpochStream): True, in a background thread beside the
-    # steps; False, each epoch at its start on every core while the steps wait. The
-    # Trainer sets it from the backend (augment_ahead in backends/: False for torch on a CPU).
-    augment_ahead: bool = False
     # Open EpochStreams (stream()), stopped by teardown().
     _streams: list = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -558,21 +550,13 @@ class MNISTDataModule:
     def pieces_per_epoch(self) -> int:
         return -(-min(self.steps_per_epoch * self.batch_size, len(self.x_train)) // self.piece_images)
 
-    def epoch_pieces(self, epoch: int, workers: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def epoch_pieces(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """train_epoch(epoch)'s (images, labels) in pieces_per_epoch pieces of piece_images,
-        in order: what EpochStream hands on. With workers > 1 all of them are made at the
-        first request, by that many threads. Each image is computed on its own, so the
+        in order: what EpochStream makes ahead. Each image is computed on its own, so the
         pieces hold exactly train_epoch's values (tested)."""
         plan = self._epoch_plan(epoch)
-        if workers == 1:
-            for index in range(self.pieces_per_epoch):
-                yield self._epoch_piece(plan, index)
-            return
-        with ThreadPoolExecutor(workers, thread_name_prefix=AUGMENTATION_THREAD) as pool:
-            pieces = list(pool.map(functools.partial(self._epoch_piece, plan), range(self.pieces_per_epoch)))
-        for index in range(len(pieces)):
-            piece, pieces[index] = pieces[index], None  # held by the consumer alone from here
-            yield piece
+        for index in range(self.pieces_per_epoch):
+            yield self._epoch_piece(plan, index)
 
     def epoch_piece(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Piece `index` of epoch_pieces(epoch) alone."""
@@ -584,14 +568,14 @@ class MNISTDataModule:
         return self._epoch_images(plan, start, stop), self.y_train[plan["order"][start:stop]]
 
     def stream(self, first_epoch: int, stop_epoch: int) -> "EpochStream":
-        """Epochs first_epoch to stop_epoch - 1, augmented ahead or between epochs as
-        `augment_ahead` says; teardown() stops it (the Trainer calls it when fit ends)."""
-        stream = EpochStream(self, first_epoch, stop_epoch, ahead=self.augment_ahead)
+        """Epochs first_epoch to stop_epoch - 1, made ahead by a background thread that
+        teardown() stops (the Trainer calls it when fit ends)."""
+        stream = EpochStream(self, first_epoch, stop_epoch)
         self._streams = [open_stream for open_stream in self._streams if not open_stream.closed] + [stream]
         return stream
 
     def teardown(self) -> None:
-        """Stop the augmentation threads of this module's streams (Lightning's hook of the name)."""
+        """Stop the background threads of this module's streams (Lightning's hook of the name)."""
         while self._streams:
             self._streams.pop().close()
 
@@ -600,51 +584,31 @@ class MNISTDataModule:
         fit() consumes on JAX and torch. (A generator, not a PyDataset: Keras' adapters
         may peek and prefetch PyDataset items out of order; a generator is consumed
         strictly in order, so the batches of epoch e are exactly train_batches(e).)
-        The augmentation runs as `stream` does."""
+        The augmentation runs ahead in a background thread (`stream`), beside the steps."""
         with self.stream(first_epoch, stop_epoch) as stream:
             for _, _, images, labels in stream.pieces():
                 for start in range(0, len(images), self.batch_size):
                     yield images[start : start + self.batch_size], labels[start : start + self.batch_size]
 
 
-def core_count() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class EpochStream:
-    """Epochs first_epoch to stop_epoch - 1 of a data module, augmented piece by piece
-    (`epoch_pieces`), in one of two ways:
-
-    - ahead=True: a background thread makes the pieces at most one epoch ahead of what was
-      consumed. Training starts after one piece, and each later epoch is ready when the
-      one before it ends; numpy releases the GIL in its array loops, so the thread runs
-      beside the steps: free where the host's cores wait on a GPU, and on a CPU cheaper
-      for JAX and TensorFlow than waiting (their thread pools share the cores well).
-    - ahead=False: each epoch is made when its first piece is asked for, by one thread per
-      core while the consumer waits. For torch on a CPU: its OpenMP threads take every
-      core and wait for each other at each parallel op, so a thread beside them slows
-      every step. On a 2-core AVX-512 host (fast recipe, 55,000 images an epoch) torch's
-      first epoch, during which the thread made both epochs, took 6.8-7.5 s against
-      5.3-5.4 s with both made beforehand (one-off timings); one epoch's augmentation took
-      0.6 s on one thread, 0.4-0.5 s on two (README, "The recipe").
-
-    Either way the pieces are exactly epoch_pieces' (tested), and close() (or leaving a
-    `with` block) stops the work within one piece or one epoch.
+    """Epochs first_epoch to stop_epoch - 1 of a data module, augmented by a background
+    thread piece by piece (`epoch_pieces`), at most one epoch ahead of what was consumed:
+    training starts after one piece instead of a whole epoch, and each later epoch is
+    ready when the one before it ends. numpy releases the GIL in its array loops, so the
+    thread runs beside the training steps. close() (or leaving a `with` block) stops it.
 
         with datamodule.stream(0, 2) as stream:
             for epoch, index, images, labels in stream.pieces(): ...
     """
 
-    def __init__(self, datamodule: "MNISTDataModule", first_epoch: int, stop_epoch: int, ahead: bool = True):
-        self.datamodule, self.first_epoch, self.stop_epoch, self.ahead = datamodule, first_epoch, stop_epoch, ahead
+    def __init__(self, datamodule: "MNISTDataModule", first_epoch: int, stop_epoch: int):
+        self.datamodule, self.first_epoch, self.stop_epoch = datamodule, first_epoch, stop_epoch
+        # One epoch ahead, and the piece in use.
+        self._queue: queue.Queue = queue.Queue(maxsize=datamodule.pieces_per_epoch + 1)
         self._stop = threading.Event()
-        self._thread = None
-        if ahead:
-            # One epoch ahead, and the piece in use.
-            self._queue: queue.Queue = queue.Queue(maxsize=datamodule.pieces_per_epoch + 1)
-            self._thread = threading.Thread(target=self._produce, name=AUGMENTATION_THREAD, daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._produce, name="mnist-augmentation", daemon=True)
+        self._thread.start()
 
     def _produce(self) -> None:
         try:
@@ -667,31 +631,15 @@ class EpochStream:
 
     def pieces(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
         """(epoch, index in the epoch, images, labels) of every piece, in order."""
-        if not self.ahead:
-            yield from self._made_between_epochs()
-            return
         while (item := self._queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             yield item
 
-    def _made_between_epochs(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-        workers = min(core_count(), self.datamodule.pieces_per_epoch)
-        for epoch in range(self.first_epoch, self.stop_epoch):
-            if self.closed:
-                return
-            for index, (images, labels) in enumerate(self.datamodule.epoch_pieces(epoch, workers)):
-                if self.closed:
-                    return
-                yield epoch, index, images, labels
-
     def close(self) -> None:
-        """Stop the work (within one piece ahead, one epoch between epochs) and drop what
-        was made; a consumer still asking for pieces (tf.data's prefetch thread) is told
-        the stream has ended."""
+        """Stop the thread (it ends within one piece) and drop what it made; a consumer still
+        asking for pieces (tf.data's prefetch thread) is told the stream has ended."""
         self._stop.set()
-        if self._thread is None:
-            return
         if threading.current_thread() is not self._thread:
             self._thread.join()
         while not self._queue.empty():

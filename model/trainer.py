@@ -218,10 +218,6 @@ class Trainer:
     run_settings: dict = field(default_factory=dict)
     # A data-parallel engine (model/devices.py start_engine); None: one device.
     engine: object = None
-    # Whether the augmentation runs ahead in a background thread beside the steps, or
-    # between epochs on every core (MNISTDataModule.augment_ahead, EpochStream). None: the
-    # backend's choice for where its steps run (augment_ahead in backends/).
-    augment_ahead: bool | None = None
 
     def __post_init__(self):
         self.timer = StepTimer()
@@ -241,7 +237,6 @@ class Trainer:
         # Before the module is compiled: its learning-rate schedule spans the limited run.
         if self.limit_train_batches:
             datamodule.limit_train_batches = self.limit_train_batches
-        datamodule.augment_ahead = BACKEND.augment_ahead() if self.augment_ahead is None else self.augment_ahead
         initial_epoch, history, best = 0, [], None
         with self._engine_scope():  # TensorFlow: variables made here are mirrored
             if resume:

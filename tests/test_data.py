@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from model.data import (
-    AUGMENTATION_THREAD,
     CACHE_FILENAME,
     IDX_FILES,
     PATH_ENV,
@@ -716,12 +715,10 @@ def test_importing_data_module_loads_no_framework():
     {"batch_size": 100, "limit_train_batches": 30},  # pieces of 2100, a short last one
     {"batch_size": 96, "rotation_degrees": 0.0, "zoom": 0.0, "limit_train_batches": 50},  # whole-pixel shifts
 ], ids=["warp-128", "warp-100", "shift-96"])
-@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "between-epochs"])
-def test_streamed_epochs_are_train_epochs(mnist_arrays, settings, ahead):
-    """What fit() is fed, made in pieces ahead by the background thread or between
-    epochs by a thread per core, is exactly train_epoch's data, epoch by epoch and batch
-    by batch."""
-    module = MNISTDataModule(seed=5, augment_ahead=ahead, **settings).setup(mnist_arrays)
+def test_streamed_epochs_are_train_epochs(mnist_arrays, settings):
+    """What fit() is fed, made ahead by the background thread in pieces, is exactly
+    train_epoch's data, epoch by epoch and batch by batch."""
+    module = MNISTDataModule(seed=5, **settings).setup(mnist_arrays)
     assert len(module.train_epoch(1)[0]) > module.piece_images  # more than one piece per epoch
     with module.stream(1, 3) as stream:
         pieces = list(stream.pieces())
@@ -742,11 +739,11 @@ def test_streamed_epochs_are_train_epochs(mnist_arrays, settings, ahead):
 def _augmentation_threads():
     import threading
 
-    return [thread for thread in threading.enumerate() if thread.name.startswith(AUGMENTATION_THREAD)]
+    return [thread for thread in threading.enumerate() if thread.name == "mnist-augmentation"]
 
 
 def test_stream_stops_when_closed_early_and_teardown_stops_the_rest(mnist_arrays):
-    module = MNISTDataModule(seed=0, augment_ahead=True).setup(mnist_arrays)
+    module = MNISTDataModule(seed=0).setup(mnist_arrays)
     batches = module.batches_from(0, 30)
     next(batches)
     batches.close()  # fit stopped after one step: its generator is closed
@@ -757,30 +754,8 @@ def test_stream_stops_when_closed_early_and_teardown_stops_the_rest(mnist_arrays
     assert not left._thread.is_alive() and not _augmentation_threads()
 
 
-def test_between_epochs_no_augmentation_thread_runs_while_pieces_are_used(mnist_arrays):
-    """On a CPU the steps use every core: between epochs, the threads that made an epoch
-    are gone before its first piece is handed on, and a stream closed mid-epoch makes no
-    further epoch."""
+def test_stream_hands_an_augmentation_error_to_the_consumer(mnist_arrays):
     module = MNISTDataModule(seed=0, limit_train_batches=40).setup(mnist_arrays)
-    made = []
-    making = module._epoch_images
-
-    def counted(plan, start, stop):
-        made.append(start)
-        return making(plan, start, stop)
-
-    module._epoch_images = counted
-    stream = module.stream(0, 3)
-    pieces = stream.pieces()
-    next(pieces)
-    assert _augmentation_threads() == [] and sorted(made) == [0, 2048, 4096]  # all of epoch 0, and no more
-    stream.close()
-    assert list(pieces) == [] and len(made) == 3
-
-
-@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "between-epochs"])
-def test_stream_hands_an_augmentation_error_to_the_consumer(mnist_arrays, ahead):
-    module = MNISTDataModule(seed=0, limit_train_batches=40, augment_ahead=ahead).setup(mnist_arrays)
 
     def broken(plan, start, stop):
         raise MemoryError(f"no room for images {start}-{stop}")
@@ -792,14 +767,13 @@ def test_stream_hands_an_augmentation_error_to_the_consumer(mnist_arrays, ahead)
     assert not _augmentation_threads()
 
 
-@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "between-epochs"])
-def test_closing_a_stream_wakes_a_consumer_waiting_for_a_piece(mnist_arrays, ahead):
+def test_closing_a_stream_wakes_a_consumer_waiting_for_a_piece(mnist_arrays):
     """tf.data's prefetch thread may be waiting for the next piece when the Trainer's
     teardown closes the stream: it must get the stream's end, not wait forever."""
     import threading
     import time
 
-    module = MNISTDataModule(seed=0, limit_train_batches=40, augment_ahead=ahead).setup(mnist_arrays)
+    module = MNISTDataModule(seed=0, limit_train_batches=40).setup(mnist_arrays)
     making = module._epoch_images
 
     def slow(plan, start, stop):
