@@ -375,6 +375,18 @@ def details_table(rows: list[dict]) -> list[str]:
     return _table(columns, lines) if lines else []
 
 
+def machine_floor_lines(rows: list[dict]) -> list[str]:
+    """Whose floor each "% of machine floor" divides by: one line per machine, device and
+    batch size (and, on a GPU, precision)."""
+    machines = {row.get("machine") for row in rows}
+    floors = dict.fromkeys((row.get("machine"), row["device"], row["batch_size"], row["machine_floor_gflops"],
+                            row["machine_floor_backend"], row["machine_floor_path"])
+                           for row in rows if row.get("machine_floor_gflops") is not None)
+    return [f"- machine floor{f' of {machine}' if len(machines) > 1 else ''}, {device}, batch {batch}: "
+            f"{gflops:.0f} GFLOP/s, {backend} {path}'s"
+            for machine, device, batch, gflops, backend, path in floors]
+
+
 def time_to_accuracy_table(rows: list[dict]) -> list[str]:
     """One row per machine, backend, device and recipe; empty when no such cell ran."""
     ran = [row for row in rows if row["path"] == TIME_TO_ACCURACY and row["status"] == "ok"]
@@ -432,8 +444,9 @@ LEGEND = (
     "that ran side by side, then the median and 95% CI; n.s. where the CI holds 1.0. % of floor: "
     "achieved GFLOP/s (training FLOPs per image x images/s) over the framework's own sgemm GFLOP/s at "
     "the model's largest matmul, measured in the cell's process. % of machine floor: the same over the "
-    "highest such floor of any training cell on the machine and device (a framework's flags can slow "
-    "its own sgemm, and so lower its own floor). Time to target: wall seconds from "
+    "highest such floor of any training cell of the same machine, device and batch size (named under "
+    "the details; a framework's flags can slow its own sgemm, and so lower its own floor). Time to "
+    "target: wall seconds from "
     "the process start until the test accuracy checked at an epoch end first reached it, the checks "
     "left out. Few rounds give coarse CIs (benchmarks/confidence.py)."
 )
@@ -447,6 +460,7 @@ def markdown_report(runs: list[dict], rows: list[dict]) -> str:
              "## Details", ""]
     for run in runs:
         lines += run_description(run)
+    lines += machine_floor_lines(rows)
     lines += ["", *details_table(rows)]
     skipped = skipped_lines(rows)
     if skipped:

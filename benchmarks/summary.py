@@ -9,8 +9,8 @@ the median across rounds of the window's mean step time with its 95% bootstrap C
 the Keras-over-framework ratio computed per round from the pair that ran in the same
 block of the same round, then its median and CI; for keras-fit on N > 1 devices
 (device_count), its images/s over the 1-device keras-fit's, paired the same way; and
-the share of the machine's floor (the best sgemm rate of any row on that machine and
-device) beside the share of the row's own framework's.
+the share of the machine's floor (the best sgemm rate of any row of the same machine,
+device and batch size) beside the share of the row's own framework's.
 """
 
 from __future__ import annotations
@@ -203,14 +203,20 @@ def add_device_ratios(rows: list[dict]) -> list[dict]:
 
 def add_machine_floors(rows: list[dict]) -> list[dict]:
     """machine_floor_gflops per training row: the highest floor_gflops of any training row
-    on the same machine and device (each row's the median of its rounds, measured in its
-    own framework's process), machine_floor_backend whose it was, and pct_of_machine_floor
-    against it. A framework's flags can slow its own sgemm (JAX's REDUCE flag, backends/
-    FRAMEWORK_FLAGS), which lowers its own floor and so raises its pct_of_floor; the
-    machine's floor is the best rate the run saw on that hardware, whoever measured it."""
+    of the same machine, device and batch size (the floor's matmul has the batch's shape)
+    among `rows` (one run, or several merged), each row's the median of its rounds measured
+    in its own framework's process; machine_floor_backend and machine_floor_path whose it
+    was, and pct_of_machine_floor against it. A framework's flags can slow its own sgemm
+    (JAX's REDUCE flag, backends/FRAMEWORK_FLAGS), which lowers its own floor and so raises
+    its pct_of_floor; the machine's floor is the best rate seen on that hardware, whoever
+    measured it. On a GPU, floors run in TF32 and in full float32 (each round's
+    tf32_allowed) are not compared with each other."""
 
     def key(row):
-        return row.get("machine"), row["device"]
+        precision = None
+        if row["device"] != "cpu":
+            precision = next((r.get("tf32", {}).get("tf32_allowed") for r in row["rounds"] if r["status"] == "ok"), None)
+        return row.get("machine"), row["device"], row.get("batch_size"), precision
 
     best: dict = {}
     for row in rows:
@@ -220,11 +226,13 @@ def add_machine_floors(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["path"] not in PATHS:
             continue
-        row.update(machine_floor_gflops=None, machine_floor_backend=None, pct_of_machine_floor=None)
+        row.update(machine_floor_gflops=None, machine_floor_backend=None, machine_floor_path=None,
+                   pct_of_machine_floor=None)
         anchor = best.get(key(row))
         if anchor is None or row["status"] != "ok":
             continue
-        row.update(machine_floor_gflops=anchor["floor_gflops"], machine_floor_backend=anchor["backend"])
+        row.update(machine_floor_gflops=anchor["floor_gflops"], machine_floor_backend=anchor["backend"],
+                   machine_floor_path=anchor["path"])
         # Only beside a share of the row's own floor: rows that measured none (data parallel
         # on simulated devices) get neither.
         if row.get("pct_of_floor") is not None:

@@ -606,10 +606,34 @@ def test_the_machine_floor_is_the_best_floor_any_training_cell_measured_on_that_
     lines = markdown_report([here], merge_cells([here])).splitlines()
     jax_line = next(line for line in lines if line.startswith("| jax | cpu |"))
     assert f"| {achieved / 80 * 100:.0f}% | {achieved:.0f}% |" in jax_line
+    assert "- machine floor, cpu, batch 128: 100 GFLOP/s, torch keras-fit's" in lines
     for result in here["cells"][0]["rounds"]:  # a row with no floor of its own gets no share of the machine's
         del result["floor_before"], result["floor_after"]
     unmeasured = next(r for r in merge_cells([here]) if (r["backend"], r["path"]) == ("jax", "keras-fit"))
     assert unmeasured["pct_of_floor"] is None and unmeasured["pct_of_machine_floor"] is None
+
+
+def test_machine_floors_are_per_batch_size_and_on_a_gpu_per_precision():
+    """The floor's matmul has the batch's shape, so a batch-512 floor is not a batch-32 row's;
+    on a GPU a TF32 floor is not a float32 row's."""
+    def with_batch(row, batch_size):
+        return {**row, "batch_size": batch_size}
+
+    def with_tf32(row, allowed):
+        return {**row, "rounds": [{**result, "tf32": {"tf32_allowed": allowed}} for result in row["rounds"]]}
+
+    run = synthetic_run("cpu-test-2c-avx2", [
+        with_batch(training_row("jax", "keras-fit", [22.0] * 5, floor=(60.0, 60.0)), 32),
+        with_batch(training_row("torch", "keras-fit", [25.0] * 5, floor=(150.0, 150.0)), 512),
+        with_tf32(training_row("jax", "keras-fit", [1.0] * 5, device="gpu", floor=(400.0, 400.0)), True),
+        with_tf32(training_row("torch", "keras-fit", [2.0] * 5, device="gpu", floor=(50.0, 50.0)), False),
+    ])
+    rows = {(r["backend"], r["device"]): r for r in merge_cells([run]) if r["path"] == "keras-fit"}
+    assert rows[("jax", "cpu")]["machine_floor_gflops"] == 60.0  # not batch 512's 150
+    assert rows[("torch", "cpu")]["machine_floor_gflops"] == 150.0
+    assert rows[("torch", "gpu")]["machine_floor_gflops"] == 50.0  # not the TF32 400
+    assert rows[("torch", "gpu")]["pct_of_machine_floor"] == pytest.approx(rows[("torch", "gpu")]["pct_of_floor"])
+    assert rows[("jax", "gpu")]["machine_floor_gflops"] == 400.0
 
 
 def test_data_parallel_cell_is_paired_with_its_one_device_cell_and_tabled():
