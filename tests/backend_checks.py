@@ -89,6 +89,7 @@ def training_data(workdir: Path) -> dict:
     """What the backend's fit() is fed (backends/<backend>_backend.py training_data) against
     the data module's own batches: epochs 1 and 2 of 45 batches (3 pieces made ahead:
     2100, 2100 and 250 images), with the augmentation on and a smaller last batch."""
+    import keras
     import numpy as np
 
     from backends import backend_module
@@ -105,12 +106,17 @@ def training_data(workdir: Path) -> dict:
             calls[_name] += 1
             return _made(*args)
         setattr(datamodule, name, counted)
-    fed = [[np.asarray(part) for part in batch] for batch in backend_module().training_data(datamodule, 1, 3)]
+    fed = list(backend_module().training_data(datamodule, 1, 3))
     fed_calls = dict(calls)
+    # Whether Keras' own conversion of each fed batch (fit's, on torch) keeps its memory: no copy.
+    converted_in_place = all(np.shares_memory(np.asarray(keras.ops.convert_to_tensor(part)), np.asarray(part))
+                             for batch in fed for part in batch)
+    fed = [[np.asarray(part) for part in batch] for batch in fed]
     expected = list(datamodule.batches_from(1, 3))
     return {
         "pieces_per_epoch": datamodule.pieces_per_epoch,
         "calls": fed_calls,
+        "converted_in_place": converted_in_place,
         "batch_sizes": [len(labels) for _, labels in fed],
         "expected_batch_sizes": [len(labels) for _, labels in expected],
         "dtypes": sorted({str(part.dtype) for batch in fed for part in batch}),
@@ -166,6 +172,36 @@ def moving_average(workdir: Path) -> dict:
         "max_weight_difference": max(float(np.abs(a - b).max()) for a, b in zip(fused["weights"], stock["weights"])),
         "max_average_vs_weights": max(float(np.abs(a - b).max()) for a, b in zip(stock["averages"], stock["weights"])),
     }
+
+
+@check
+def learning_rate(workdir: Path) -> dict:
+    """The learning rate a Keras Adam on a CosineDecay schedule uses at every step after the
+    backend's fuse_optimizer (on torch, computed on the host), against the schedule's own
+    value at that step: without a warm-up (the default recipe's), with one (the fast
+    recipe's), and with alpha, to 20 steps past the schedule's end."""
+    import keras
+    import numpy as np
+
+    from backends import backend_module
+
+    CosineDecay = keras.optimizers.schedules.CosineDecay
+    schedules = [CosineDecay(2e-3, 300), CosineDecay(0.0, 250, warmup_target=1e-2, warmup_steps=40),
+                 CosineDecay(0.1, 100, alpha=0.1, warmup_target=0.2, warmup_steps=7)]
+    replaced, unequal, steps = [], [], 0
+    for schedule in schedules:
+        optimizer = keras.optimizers.Adam(learning_rate=schedule)
+        optimizer.build([keras.Variable(np.zeros(3, np.float32))])
+        backend_module().fuse_optimizer(optimizer)
+        replaced.append("_get_current_learning_rate" in vars(optimizer))
+        for step in range(schedule.decay_steps + schedule.warmup_steps + 20):
+            optimizer.iterations.assign(step)
+            used = np.float32(keras.ops.convert_to_numpy(optimizer.learning_rate))
+            own = np.float32(keras.ops.convert_to_numpy(schedule(step)))
+            steps += 1
+            if used != own:
+                unequal.append((step, float(used), float(own)))
+    return {"replaced": replaced, "steps": steps, "unequal": unequal[:10], "unequal_count": len(unequal)}
 
 
 # ------------------------------------------------------------------------ cross-backend checks

@@ -43,11 +43,14 @@ def test_short_training_on_real_mnist_learns(backend, backend_results):
     assert run["test_accuracy_after"] > 0.85
 
 
-@pytest.mark.only_backends("tensorflow", reason="its training_data returns datamodule.batches_from itself, "
-                            "which the check would compare with itself")
+@pytest.mark.only_backends("tensorflow", "torch", reason="its training_data returns datamodule.batches_from "
+                            "itself, which the check would compare with itself")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fit_is_fed_the_data_modules_batches_in_order(backend, backend_results):
     fed = check_value(backend_results(backend), "training_data")
+    if backend == "torch":
+        # Fed as tensors that Keras' conversion passes through, not copied batch by batch.
+        assert fed["converted_in_place"], "Keras copies every batch fit() is fed (backends/torch_backend.py)"
     # 4,450 images, batches of 100: 44 of 100 and one of 50 per epoch, for epochs 1 and 2,
     # made ahead in 3 pieces per epoch.
     assert fed["expected_batch_sizes"] == ([100] * 44 + [50]) * 2 and fed["pieces_per_epoch"] == 3
@@ -144,6 +147,19 @@ def test_fused_adam_and_weight_average_equal_keras_own(backend, backend_results)
     assert run["max_average_vs_weights"] > 1e-2
     assert run["max_average_difference"] <= 1e-5
     assert run["max_weight_difference"] <= 1e-5
+
+
+@pytest.mark.only_backends("torch", reason="fuse_optimizer does nothing here (the schedule runs inside the compiled "
+                            "step), so Keras' schedule would be compared with itself")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learning_rate_on_the_host_equals_keras_schedule(backend, backend_results):
+    """backends/torch_backend.py fuse_optimizer: a CosineDecay's learning rate computed on
+    the host from the step count must be Keras' own float32 value at every step, bit for
+    bit (warm-up, decay, alpha, and past the end), so training is unchanged by it."""
+    run = check_value(backend_results(backend), "learning_rate")
+    assert run["replaced"] == [True, True, True]
+    assert run["steps"] == 320 + 310 + 127
+    assert run["unequal_count"] == 0, run["unequal"]
 
 
 def test_pooled_conv_windows_cover_each_pooling_offset():
