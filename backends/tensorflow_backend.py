@@ -75,7 +75,7 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     """What fit() is fed: the data module's batches of epochs first_epoch to stop_epoch - 1,
     as a tf.data pipeline that calls Python once per piece of whole batches (the pieces
     `datamodule.stream` makes ahead) and slices the batches natively: the same batches, in
-    the same order, as the generator `datamodule.batches_from` the other backends are fed.
+    the same order, as the generator `datamodule.batches_from` JAX is fed (torch: as tensors).
     Keras' adapter for a generator (tf.data's from_generator, a Python call per batch)
     measured 38-41 ms/step against 21-23 for this, batch 128, CPU, jit_compile on."""
     image_shape = (None, *datamodule.x_train.shape[1:])

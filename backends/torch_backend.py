@@ -77,10 +77,10 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
 
 
 def fuse_optimizer(optimizer) -> None:
-    """Replace two of `optimizer`'s per-weight Python loops with fused kernels, on this
-    instance only (a subclass would lose Keras' `_foreach` Adam on torch, which
-    `TorchOptimizer.__new__` picks for the exact Adam class only); nothing is saved
-    differently.
+    """Replace three of `optimizer`'s eager Python paths (two per-weight loops and the
+    learning-rate schedule) with fused kernels or host arithmetic, on this instance only
+    (a subclass would lose Keras' `_foreach` Adam on torch, which `TorchOptimizer.__new__`
+    picks for the exact Adam class only); nothing is saved differently.
 
     - Adam's update (plain Adam, weights on the CPU): torch's fused Adam kernel
       (`torch._fused_adam_`, what `torch.optim.Adam(fused=True)` runs, and the torch
@@ -98,14 +98,16 @@ def fuse_optimizer(optimizer) -> None:
     - The learning rate of a Keras CosineDecay schedule (warm-up included), weights on the
       CPU: its formula in float32 numpy from the count read on the host, where Keras runs
       it as a dozen eager scalar ops (0.27 ms a step in fit); Keras' values exactly
-      (tested). On a GPU the count stays on the device: Keras' schedule runs."""
-    host_rate = _host_learning_rate(optimizer._learning_rate)
+      (tested). On a GPU the count stays on the device, and a schedule set on the
+      optimizer later is not this one: Keras' schedule runs."""
+    schedule = optimizer._learning_rate
+    host_rate = _host_learning_rate(schedule)
     if host_rate is not None:
         keras_rate = optimizer._get_current_learning_rate
 
         def current_learning_rate():
             count = optimizer.iterations.value
-            if count.device.type != "cpu":
+            if count.device.type != "cpu" or optimizer._learning_rate is not schedule:
                 return keras_rate()
             return host_rate(int(count))
 
@@ -157,10 +159,14 @@ def fuse_optimizer(optimizer) -> None:
 def _host_learning_rate(schedule):
     """Keras' CosineDecay `schedule` as a function of the update count, computed on the host
     in float32 in the order Keras computes it (keras/src/optimizers/schedules/
-    learning_rate_schedule.py); None for any other learning rate."""
+    learning_rate_schedule.py); None for any other learning rate, and for a CosineDecay
+    that Keras computes in another dtype (an int initial rate: int32; floatx float64)."""
+    from keras import ops
     from keras.src.optimizers.schedules.learning_rate_schedule import CosineDecay
 
     if type(schedule) is not CosineDecay:
+        return None
+    if ops.convert_to_tensor(schedule.initial_learning_rate).dtype != torch.float32:
         return None
     f32 = np.float32
     initial, decay_steps = f32(schedule.initial_learning_rate), f32(schedule.decay_steps)

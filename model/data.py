@@ -581,9 +581,10 @@ class MNISTDataModule:
 
     def batches_from(self, first_epoch: int, stop_epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Training batches of epochs first_epoch, first_epoch + 1, ..., stop_epoch - 1: what
-        fit() consumes on JAX and torch. (A generator, not a PyDataset: Keras' adapters
-        may peek and prefetch PyDataset items out of order; a generator is consumed
-        strictly in order, so the batches of epoch e are exactly train_batches(e).)
+        fit() consumes on JAX, and on torch as tensors sharing their memory. (A generator,
+        not a PyDataset: Keras' adapters may peek and prefetch PyDataset items out of
+        order; a generator is consumed strictly in order, so the batches of epoch e are
+        exactly train_batches(e).)
         The augmentation runs ahead in a background thread (`stream`), beside the steps."""
         with self.stream(first_epoch, stop_epoch) as stream:
             for _, _, images, labels in stream.pieces():

@@ -108,9 +108,12 @@ def training_data(workdir: Path) -> dict:
         setattr(datamodule, name, counted)
     fed = list(backend_module().training_data(datamodule, 1, 3))
     fed_calls = dict(calls)
-    # Whether Keras' own conversion of each fed batch (fit's, on torch) keeps its memory: no copy.
-    converted_in_place = all(np.shares_memory(np.asarray(keras.ops.convert_to_tensor(part)), np.asarray(part))
-                             for batch in fed for part in batch)
+    # Whether Keras' own conversion of each fed batch (fit's, on torch) keeps its memory: no
+    # copy. None where Keras moves the batch to a GPU (a copy there by nature).
+    converted = [(keras.ops.convert_to_tensor(part), part) for batch in fed for part in batch]
+    on_host = all(getattr(getattr(tensor, "device", None), "type", "cpu") == "cpu" for tensor, _ in converted)
+    converted_in_place = all(np.shares_memory(np.asarray(tensor), np.asarray(part))
+                             for tensor, part in converted) if on_host else None
     fed = [[np.asarray(part) for part in batch] for batch in fed]
     expected = list(datamodule.batches_from(1, 3))
     return {
@@ -186,22 +189,38 @@ def learning_rate(workdir: Path) -> dict:
     from backends import backend_module
 
     CosineDecay = keras.optimizers.schedules.CosineDecay
+    # The last one, with an int initial rate, Keras computes in int32 (pi as 3): left to Keras.
     schedules = [CosineDecay(2e-3, 300), CosineDecay(0.0, 250, warmup_target=1e-2, warmup_steps=40),
-                 CosineDecay(0.1, 100, alpha=0.1, warmup_target=0.2, warmup_steps=7)]
-    replaced, unequal, steps = [], [], 0
+                 CosineDecay(0.1, 100, alpha=0.1, warmup_target=0.2, warmup_steps=7), CosineDecay(1, 10)]
+    replaced, unequal, steps, count_devices = [], [], 0, set()
+
+    def compare(optimizer, schedule, step):
+        optimizer.iterations.assign(step)
+        used = np.float32(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        own = np.float32(keras.ops.convert_to_numpy(schedule(step)))
+        if used != own:
+            unequal.append((step, float(used), float(own)))
+
     for schedule in schedules:
         optimizer = keras.optimizers.Adam(learning_rate=schedule)
         optimizer.build([keras.Variable(np.zeros(3, np.float32))])
         backend_module().fuse_optimizer(optimizer)
         replaced.append("_get_current_learning_rate" in vars(optimizer))
+        count_devices.add(str(getattr(getattr(optimizer.iterations.value, "device", None), "type", "cpu")))
         for step in range(schedule.decay_steps + schedule.warmup_steps + 20):
-            optimizer.iterations.assign(step)
-            used = np.float32(keras.ops.convert_to_numpy(optimizer.learning_rate))
-            own = np.float32(keras.ops.convert_to_numpy(schedule(step)))
+            compare(optimizer, schedule, step)
             steps += 1
-            if used != own:
-                unequal.append((step, float(used), float(own)))
-    return {"replaced": replaced, "steps": steps, "unequal": unequal[:10], "unequal_count": len(unequal)}
+    # A schedule set on the optimizer after fuse_optimizer is the one used.
+    optimizer = keras.optimizers.Adam(learning_rate=schedules[0])
+    optimizer.build([keras.Variable(np.zeros(3, np.float32))])
+    backend_module().fuse_optimizer(optimizer)
+    later = CosineDecay(5e-3, 50)
+    optimizer.learning_rate = later
+    for step in (0, 25, 60):
+        compare(optimizer, later, step)
+        steps += 1
+    return {"replaced": replaced, "steps": steps, "unequal": unequal[:10], "unequal_count": len(unequal),
+            "count_devices": sorted(count_devices)}
 
 
 # ------------------------------------------------------------------------ cross-backend checks

@@ -48,7 +48,7 @@ def test_short_training_on_real_mnist_learns(backend, backend_results):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fit_is_fed_the_data_modules_batches_in_order(backend, backend_results):
     fed = check_value(backend_results(backend), "training_data")
-    if backend == "torch":
+    if backend == "torch" and fed["converted_in_place"] is not None:  # None: moved to a GPU, a copy by nature
         # Fed as tensors that Keras' conversion passes through, not copied batch by batch.
         assert fed["converted_in_place"], "Keras copies every batch fit() is fed (backends/torch_backend.py)"
     # 4,450 images, batches of 100: 44 of 100 and one of 50 per epoch, for epochs 1 and 2,
@@ -155,10 +155,14 @@ def test_fused_adam_and_weight_average_equal_keras_own(backend, backend_results)
 def test_learning_rate_on_the_host_equals_keras_schedule(backend, backend_results):
     """backends/torch_backend.py fuse_optimizer: a CosineDecay's learning rate computed on
     the host from the step count must be Keras' own float32 value at every step, bit for
-    bit (warm-up, decay, alpha, and past the end), so training is unchanged by it."""
+    bit (warm-up, decay, alpha, and past the end), so training is unchanged by it; a
+    schedule Keras computes in int32, or one set on the optimizer later, stays Keras'."""
     run = check_value(backend_results(backend), "learning_rate")
-    assert run["replaced"] == [True, True, True]
-    assert run["steps"] == 320 + 310 + 127
+    if run["count_devices"] != ["cpu"]:
+        pytest.skip("the step count lives on a GPU: Keras' own schedule runs, nothing to compare")
+    # The int-valued schedule, which Keras computes in int32, stays Keras'.
+    assert run["replaced"] == [True, True, True, False]
+    assert run["steps"] == 320 + 310 + 127 + 30 + 3
     assert run["unequal_count"] == 0, run["unequal"]
 
 
