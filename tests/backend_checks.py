@@ -182,7 +182,8 @@ def learning_rate(workdir: Path) -> dict:
     """The learning rate a Keras Adam on a CosineDecay schedule uses at every step after the
     backend's fuse_optimizer (on torch, computed on the host), against the schedule's own
     value at that step: without a warm-up (the default recipe's), with one (the fast
-    recipe's), and with alpha, to 20 steps past the schedule's end."""
+    recipe's), with alpha, and with an int initial rate (which Keras computes in int32), to
+    20 steps past the schedule's end; then a schedule set on a fused optimizer later."""
     import keras
     import numpy as np
 
