@@ -29,6 +29,14 @@ def default_jit_compile(deterministic: bool = False) -> bool:
     return True
 
 
+def most_steps_per_execution() -> int:
+    """The most training steps Keras may run per call of its step function (compile's
+    steps_per_execution; the Trainer takes the largest that divides an epoch). Keras' JAX
+    trainer runs them as a Python loop of the compiled step, saving only the per-step
+    callbacks and logs: 16, pending the A/B in README's Benchmarks."""
+    return 16
+
+
 def device_name() -> str:
     device = jax.devices()[0]
     return f"{device.platform}:{getattr(device, 'device_kind', device.platform)}"

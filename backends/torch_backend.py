@@ -37,6 +37,12 @@ def default_jit_compile(deterministic: bool = False) -> bool:
     return False
 
 
+def most_steps_per_execution() -> int:
+    """The most training steps Keras may run per call of its step function (compile's
+    steps_per_execution): Keras' torch trainer takes only 1."""
+    return 1
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"

@@ -8,8 +8,12 @@ batch. So the window lies inside one epoch, holds only full batches (no new shap
 compile) and no data preparation.
 
 Clocks: after every step the backend's `synchronize` runs on the step's loss, then the
-clock is read; step i's time is the gap between the reads after steps i-1 and i.
-  compile_s       fit()/build start to the end of the first step (data already prepared);
+clock is read; step i's time is the gap between the reads after steps i-1 and i. Where
+Keras runs several steps per call (train.py's steps_per_execution, Trainer "auto"), its
+callbacks, and so the clock, see only each call's last step: each step of a call gets an
+even share of the call's time, and the warm-up and the window are rounded up to whole calls.
+  compile_s       fit()/build start to the end of the first step (data already prepared;
+                  with several steps per call, the end of the first call, its other steps included);
   step_ms         every window step's time (the latency distribution);
   images_per_s    window images / window wall time (first read before, last after the window);
   epoch_s         data_s_per_epoch + a full epoch's images at images_per_s: an epoch as
@@ -24,7 +28,7 @@ import time
 
 import numpy as np
 
-from model.timing import past_warmup, step_seconds
+from model.timing import past_warmup, spread_over_steps, step_seconds
 
 
 def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -76,8 +80,14 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     from model.backend import BACKEND as backend
     from model.training import prepare_run
 
-    steps = spec["warmup_steps"] + spec["window_steps"]
-    module, datamodule, trainer = prepare_run(config.replace(epochs=1, limit_train_batches=steps))
+    from model.trainer import whole_executions
+
+    module, datamodule, trainer = prepare_run(config.replace(epochs=1))
+    # Steps per call as train.py's whole epochs get them; the window in whole calls.
+    trainer.steps_per_execution = whole_executions(datamodule.steps_per_epoch, backend.most_steps_per_execution())
+    warmup_steps, window_steps = (-(-spec[name] // trainer.steps_per_execution) * trainer.steps_per_execution
+                                  for name in ("warmup_steps", "window_steps"))
+    steps = datamodule.limit_train_batches = warmup_steps + window_steps
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
     # Every feed (the generator on JAX and torch, tf.data on TensorFlow) takes its epoch
     # from epoch_pieces (made ahead by a background thread) or train_epoch: from now on,
@@ -89,21 +99,25 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     datamodule.epoch_pieces = lambda epoch: (datamodule.epoch_piece(epoch, index)
                                              for index in range(datamodule.pieces_per_epoch))
     datamodule.x_val, datamodule.y_val = datamodule.x_val[:0], datamodule.y_val[:0]
-    step_ends = []
+    step_ends, call_ends = [], []
     barrier = worker_barrier(trainer.engine)
 
     class Clock(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             backend.synchronize((logs or {}).get("loss"))  # the device has finished this step
             barrier()  # and so has every other worker (data parallel with one process per device)
-            step_ends.append(time.perf_counter())
+            now = time.perf_counter()
+            # This call ran steps len(step_ends) + 1 to batch + 1 (several with steps_per_execution).
+            previous = step_ends[-1] if step_ends else started
+            step_ends.extend((previous + np.cumsum(spread_over_steps(now - previous, batch + 1 - len(step_ends)))).tolist())
+            call_ends.append(now)
 
     trainer.callbacks.append(Clock())
     trainer.verbose = 0
     progress(f"keras {keras.__version__} on {backend.__name__}: {steps} steps, data prepared in {data_s:.2f} s")
     started = time.perf_counter()
     trainer.fit(module, datamodule)
-    figures = window_figures(started, step_ends, spec["warmup_steps"], config.batch_size)
+    figures = {**window_figures(started, step_ends, warmup_steps, config.batch_size), "compile_s": call_ends[0] - started}
     engine = trainer.engine
     # The devices that really trained, read back from the engine's copies of the weights (a
     # collective under torch: every worker takes part), and how far those copies drifted apart.
@@ -113,7 +127,8 @@ def run_keras_path(spec: dict, config, progress) -> dict:
             "device_name": backend.device_name(), "peak_device_mb": backend.peak_device_memory_mb(),
             "keras_version": keras.__version__, "devices_used": devices_used,
             "engine": engine.ENGINE if engine is not None else "single device",
-            "replica_max_weight_difference": replica_difference, "jit_compile": bool(module.jit_compile)}
+            "replica_max_weight_difference": replica_difference, "jit_compile": bool(module.jit_compile),
+            "steps_per_execution": module.steps_per_execution}
 
 
 def worker_barrier(engine):

@@ -20,3 +20,11 @@ def step_seconds(started: float, step_ends) -> np.ndarray:
 def past_warmup(seconds, warmup_steps: int = WARMUP_STEPS) -> np.ndarray:
     """The step times after the first `warmup_steps`."""
     return np.asarray(seconds, dtype=float)[warmup_steps:]
+
+
+def spread_over_steps(seconds: float, steps: int) -> list[float]:
+    """Each step's time when one call ran `steps` steps in `seconds` (Keras' callbacks see
+    only a call's last step when steps_per_execution > 1): an even share each."""
+    if steps < 1:
+        raise ValueError(f"a call that ran {steps} steps: its last step must follow the previous call's")
+    return [seconds / steps] * steps

@@ -33,7 +33,7 @@ from model.config import TrainConfig
 from model.data import MNISTDataModule
 from model.module import CNNModule
 from model.runtime import resume_garbage_collection
-from model.timing import WARMUP_STEPS, past_warmup
+from model.timing import WARMUP_STEPS, past_warmup, spread_over_steps
 
 LAST_CHECKPOINT = "last.keras"
 BEST_CHECKPOINT = "best.keras"
@@ -125,8 +125,10 @@ class StepTimer(keras.callbacks.Callback):
         self.step_seconds.append([])
 
     def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the call's last step: with steps_per_execution > 1 a call ran several
+        # steps, and each gets an even share of the call's time.
         now = time.perf_counter()
-        self.step_seconds[-1].append(now - self._last)
+        self.step_seconds[-1].extend(spread_over_steps(now - self._last, batch + 1 - len(self.step_seconds[-1])))
         self._last = now
 
     def on_epoch_end(self, epoch, logs=None):
@@ -202,6 +204,14 @@ class ValidateUnsharded(keras.callbacks.Callback):
             logs.update({f"val_{name}": value for name, value in results.items()})
 
 
+def whole_executions(steps_per_epoch: int, most: int) -> int:
+    """The most steps per call of Keras' step function, up to `most`, that divides an epoch:
+    Keras takes a call's steps from the feed, which here runs on over every epoch, so a call
+    crossing an epoch's end would train on the next epoch's first batches before this
+    epoch's validation and checkpoint."""
+    return max(count for count in range(1, max(min(most, steps_per_epoch), 1) + 1) if steps_per_epoch % count == 0)
+
+
 @dataclass
 class Trainer:
     max_epochs: int = TrainConfig.epochs
@@ -212,6 +222,9 @@ class Trainer:
     eval_batch_size: int = TrainConfig.eval_batch_size
     deterministic: bool = False
     jit_compile: bool | str = "auto"
+    # Training steps per call of Keras' step function (compile's steps_per_execution);
+    # "auto": the most the backend takes (most_steps_per_execution) that divides an epoch.
+    steps_per_execution: int | str = "auto"
     checkpoint_dir: str | Path | None = None
     verbose: int | str = "auto"
     # Stored in last.keras's trainer state: what defines the run (for --resume to check).
@@ -316,7 +329,15 @@ class Trainer:
             return
         if module.decay_steps is None:
             module.decay_steps = self.max_epochs * datamodule.steps_per_epoch
-        module.configure(jit_compile=self._jit_compile())
+        module.configure(jit_compile=self._jit_compile(), steps_per_execution=self._steps_per_execution(datamodule))
+
+    def _steps_per_execution(self, datamodule: MNISTDataModule) -> int:
+        if self.steps_per_execution == "auto":
+            return whole_executions(datamodule.steps_per_epoch, BACKEND.most_steps_per_execution())
+        if datamodule.steps_per_epoch % self.steps_per_execution:
+            raise ValueError(f"steps_per_execution {self.steps_per_execution} does not divide an epoch's "
+                             f"{datamodule.steps_per_epoch} steps; use a divisor of it, or 'auto'")
+        return self.steps_per_execution
 
     def _engine_scope(self):
         return self.engine.scope() if self.engine is not None else contextlib.nullcontext()
@@ -350,6 +371,7 @@ class Trainer:
         # jit_compile is how this backend runs the steps, not part of the maths: the
         # resuming backend's own choice applies, not the one saved by whichever trained.
         module.jit_compile = self.jit_compile
+        module.steps_per_execution = self._steps_per_execution(datamodule)
         return module, epoch, history, state.get("best")
 
     @staticmethod

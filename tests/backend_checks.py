@@ -224,6 +224,44 @@ def learning_rate(workdir: Path) -> dict:
             "count_devices": sorted(count_devices)}
 
 
+@check
+def steps_per_execution(workdir: Path) -> dict:
+    """Two epochs of 18 batches of 64, validated after each, with the Trainer's steps per
+    call ("auto": Keras' steps_per_execution) and with one step per call: the optimizer's
+    step count at each epoch's end, the calls' last steps, the weights and the history."""
+    import keras
+    import numpy as np
+
+    from model.trainer import Trainer
+
+    class Record(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.call_ends, self.epoch_steps = [], []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.call_ends.append(batch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch_steps.append(int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
+
+    runs = {}
+    for per_call in ("auto", 1):
+        record = Record()
+        trainer = Trainer(max_epochs=2, callbacks=[record], steps_per_execution=per_call, verbose=0)
+        datamodule = _datamodule(batch_size=64, limit_train_batches=18, validation_size=1000)
+        module = trainer.fit(_module(), datamodule)
+        runs[per_call] = {"steps_per_execution": module.steps_per_execution, "call_ends": record.call_ends,
+                          "epoch_steps": record.epoch_steps, "history": trainer.history, "weights": _weights(module)}
+    auto, single = runs["auto"], runs[1]
+    return {
+        **{name: auto[name] for name in ("steps_per_execution", "call_ends", "epoch_steps")},
+        "single_epoch_steps": single["epoch_steps"],
+        "histories_equal": auto["history"] == single["history"],
+        "weights_max_difference": max(float(np.max(np.abs(a - b))) for a, b in zip(auto["weights"], single["weights"])),
+    }
+
+
 # ------------------------------------------------------------------------ cross-backend checks
 
 

@@ -166,6 +166,22 @@ def test_learning_rate_on_the_host_equals_keras_schedule(backend, backend_result
     assert run["unequal_count"] == 0, run["unequal"]
 
 
+@pytest.mark.only_backends("jax", "tensorflow", reason="Keras' torch trainer takes one step per call: the check "
+                            "would compare a run with itself")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_steps_per_call_train_the_same_epochs(backend, backend_results):
+    """Trainer "auto" runs several steps per call of Keras' step function (compile's
+    steps_per_execution) where the backend takes them: 18 steps an epoch, at most 16 a
+    call, so 9. Every epoch must still end after its own 18 steps (validation and
+    checkpoint see that epoch's weights), and training must equal one step per call."""
+    run = check_value(backend_results(backend), "steps_per_execution")
+    assert run["steps_per_execution"] == 9
+    assert run["call_ends"] == [8, 17, 8, 17]
+    assert run["epoch_steps"] == run["single_epoch_steps"] == [18, 36]
+    assert run["histories_equal"], "the history differs from one step per call's"
+    assert run["weights_max_difference"] == 0.0
+
+
 def test_pooled_conv_windows_cover_each_pooling_offset():
     """Sub-grid (r, c) of a 3x3 "valid" convolution of 28x28 inputs (26x26) is the stride-2
     convolution of rows and columns r..r+26 and c..c+26; no windows where the pooling would

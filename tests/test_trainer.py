@@ -42,6 +42,18 @@ for steps in (7, 3):
     timer.on_epoch_end(0)
 out["steps_recorded"] = [len(epoch) for epoch in timer.step_seconds]
 out["epochs_recorded"] = len(timer.epoch_seconds)
+# Keras' callbacks see only each call's last step when a call runs several
+# (steps_per_execution): calls ending at steps 4 and 10 of an epoch of 10.
+timer.on_epoch_begin(0)
+for step in (3, 9):
+    timer.on_train_batch_end(step)
+timer.on_epoch_end(0)
+out["calls_shares"] = [round(share / timer.step_seconds[-1][0], 6) for share in timer.step_seconds[-1]]
+
+# Steps per call that divide an epoch, up to the backend's most.
+from model.trainer import whole_executions
+
+out["whole_executions"] = [whole_executions(steps, 16) for steps in (430, 18, 17, 7, 1, 32)]
 # Known step times: the first 5 steps of the first epoch (tracing) are left out.
 timer.step_seconds = [[9.0] * 5 + [0.010, 0.030, 0.020], [0.040, 0.050]]
 out["median_ms"] = timer.step_ms_median()
@@ -135,9 +147,19 @@ def trainer_runs(tmp_path_factory):
 def test_step_timer_records_each_step_and_medians_past_warm_up(trainer_runs):
     pieces, _ = trainer_runs
     assert pieces["steps_recorded"] == [7, 3] and pieces["epochs_recorded"] == 2
+    # Calls of 4 and 6 steps: every step recorded, each call's time shared evenly.
+    assert len(pieces["calls_shares"]) == 10 and pieces["calls_shares"][:4] == [1.0] * 4
+    assert len(set(pieces["calls_shares"][4:])) == 1
     # Median of 10, 30, 20, 40, 50 ms: the five 9-second warm-up steps are not in it.
     assert pieces["median_ms"] == pytest.approx(30.0)
     assert pieces["median_ms_warmup_only"] is None
+
+
+def test_steps_per_call_divide_the_epoch(trainer_runs):
+    """Trainer "auto": the most steps per call, up to the backend's, that divides an epoch
+    (a call crossing an epoch's end would train on the next epoch's batches in this one)."""
+    pieces, _ = trainer_runs
+    assert pieces["whole_executions"] == [10, 9, 1, 7, 1, 16]
 
 
 def test_best_keras_holds_the_epoch_with_the_best_validation_accuracy(trainer_runs):
