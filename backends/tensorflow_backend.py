@@ -51,8 +51,9 @@ def most_steps_per_execution() -> int:
     """The most training steps Keras may run per call of its step function (compile's
     steps_per_execution; the Trainer takes the largest that divides an epoch). Keras runs
     them as a graph loop inside one tf.function, so the per-step Python of the call, the
-    logs and the callbacks is paid once per call: 9.7-11.5 ms -> 8.1-9.9 ms a step for 5 to
-    21 steps per call, with bit-identical weights (one-off timings, README's Benchmarks)."""
+    logs and the callbacks is paid once per call. Measured on a 2-core AVX-512 CPU, 10 steps
+    a call against 1: the keras-fit step 0.78x [0.71-0.92], time to 99% with the fast recipe
+    0.93x [0.89-0.99] (`steps-per-execution-ab/`), the same weights bit for bit."""
     return 16
 
 
@@ -288,6 +289,12 @@ class DataParallel:
         # XLA cannot compile a step over mirrored variables on several devices ("Trying to
         # access resource ... located in device CPU:1 from device CPU:0", measured here).
         return False
+
+    def steps_per_execution(self, requested: int) -> int:
+        # Keras' graph loop of several steps over the strategy's distributed iterator fails
+        # here ("You must feed a value for placeholder tensor 'while/body/.../Placeholder'",
+        # measured with Keras 3.15 and TensorFlow 2.21): one step per call.
+        return 1
 
     def replicate(self, module) -> None:
         """Nothing to wrap: variables made in the strategy's scope are mirrored."""

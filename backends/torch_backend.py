@@ -333,6 +333,9 @@ class DataParallel:
     def jit_compile(self, requested):
         return requested
 
+    def steps_per_execution(self, requested: int) -> int:
+        return requested
+
     def replicate(self, module) -> None:
         """Wrap `module` in DDP (which broadcasts rank 0's weights) and make it train
         through the wrapper."""

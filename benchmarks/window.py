@@ -80,11 +80,9 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     from model.backend import BACKEND as backend
     from model.training import prepare_run
 
-    from model.trainer import whole_executions
-
     module, datamodule, trainer = prepare_run(config.replace(epochs=1))
     # Steps per call as train.py's whole epochs get them; the window in whole calls.
-    trainer.steps_per_execution = whole_executions(datamodule.steps_per_epoch, backend.most_steps_per_execution())
+    trainer.steps_per_execution = trainer.steps_per_call(datamodule.steps_per_epoch)
     warmup_steps, window_steps = (-(-spec[name] // trainer.steps_per_execution) * trainer.steps_per_execution
                                   for name in ("warmup_steps", "window_steps"))
     steps = datamodule.limit_train_batches = warmup_steps + window_steps

@@ -166,6 +166,15 @@ class CNNModule(keras.Model):
 
     # ------------------------------------------------------------------ saving
 
+    def get_compile_config(self):
+        # Steps per call are how the running backend trains (the Trainer's choice, like
+        # jit_compile), not the model: a saved module records Keras' default, 1, which every
+        # backend can load (Keras' torch trainer refuses more; --resume sets its own).
+        config = super().get_compile_config()
+        if "steps_per_execution" in config:
+            config["steps_per_execution"] = 1
+        return config
+
     def get_config(self):
         return {
             "name": self.name,

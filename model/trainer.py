@@ -329,14 +329,19 @@ class Trainer:
             return
         if module.decay_steps is None:
             module.decay_steps = self.max_epochs * datamodule.steps_per_epoch
-        module.configure(jit_compile=self._jit_compile(), steps_per_execution=self._steps_per_execution(datamodule))
+        module.configure(jit_compile=self._jit_compile(),
+                         steps_per_execution=self.steps_per_call(datamodule.steps_per_epoch))
 
-    def _steps_per_execution(self, datamodule: MNISTDataModule) -> int:
+    def steps_per_call(self, steps_per_epoch: int) -> int:
+        """Training steps per call of Keras' step function for epochs of `steps_per_epoch`."""
         if self.steps_per_execution == "auto":
-            return whole_executions(datamodule.steps_per_epoch, BACKEND.most_steps_per_execution())
-        if datamodule.steps_per_epoch % self.steps_per_execution:
+            most = BACKEND.most_steps_per_execution()
+            if self.engine is not None:  # data parallel: the engine says what it can run
+                most = self.engine.steps_per_execution(most)
+            return whole_executions(steps_per_epoch, most)
+        if steps_per_epoch % self.steps_per_execution:
             raise ValueError(f"steps_per_execution {self.steps_per_execution} does not divide an epoch's "
-                             f"{datamodule.steps_per_epoch} steps; use a divisor of it, or 'auto'")
+                             f"{steps_per_epoch} steps; use a divisor of it, or 'auto'")
         return self.steps_per_execution
 
     def _engine_scope(self):
@@ -371,7 +376,7 @@ class Trainer:
         # jit_compile is how this backend runs the steps, not part of the maths: the
         # resuming backend's own choice applies, not the one saved by whichever trained.
         module.jit_compile = self.jit_compile
-        module.steps_per_execution = self._steps_per_execution(datamodule)
+        module.steps_per_execution = self.steps_per_call(datamodule.steps_per_epoch)
         return module, epoch, history, state.get("best")
 
     @staticmethod

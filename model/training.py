@@ -211,6 +211,8 @@ def train_in_directory(config: TrainConfig, output_dir: Path, log, resumed_from:
         "test_accuracy": test["test_accuracy"],
         "test_loss": test["test_loss"],
         "steps_per_epoch": datamodule.steps_per_epoch,
+        # Steps per call of Keras' step function (Trainer "auto"): how the steps ran, not the maths.
+        "steps_per_execution": module.steps_per_execution,
         "epoch_seconds": trainer.timer.epoch_seconds,
         "step_ms_median": trainer.timer.step_ms_median(),
         "wall_seconds": time.perf_counter() - started,

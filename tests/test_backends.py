@@ -79,6 +79,8 @@ def test_train_py_dry_run_writes_model_run_json_and_curves(backend, dry_runs, cr
         assert key in run, key
     assert run["backend"] == backend
     assert run["config"]["epochs"] == 1 and run["config"]["limit_train_batches"] == 5
+    # The 5 steps in one call of Keras' step function where the backend takes several.
+    assert run["steps_per_epoch"] == 5 and run["steps_per_execution"] == (1 if backend == "torch" else 5)
     assert len(run["history"]) == 1 and {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(run["history"][0])
     # train.py put the backend's framework flags in its environment before keras started.
     if backend in FRAMEWORK_FLAGS:

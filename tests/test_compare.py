@@ -510,6 +510,38 @@ def test_prepared_epoch_is_full_batches_of_the_whole_epoch(mnist_arrays):
         prepared_epoch(datamodule, steps=430)  # the 430th batch would be the partial one
 
 
+def test_ab_compares_two_commits_medians_and_pairs_overhead_by_round(tmp_path, capsys):
+    """benchmarks/ab.py: each side's rounds from the files of its commit only; the overhead
+    from keras-fit and framework of the same round of the same run; a one-line error for
+    a commit with no files."""
+    from benchmarks import ab
+
+    def run(commit, keras_ms, framework_ms, seconds):
+        def cell(path, values, **extra):
+            rounds = [{"status": "ok", "round": index, "step_ms_mean": value, "seconds_to_target": value,
+                       "reached_target": True} for index, value in enumerate(values)]
+            return {"backend": "jax", "device": "cpu", "path": path, "device_count": 1, "rounds": rounds, **extra}
+        # Rounds listed out of order on one side: pairs go by round number, not position.
+        framework = cell("framework", framework_ms)
+        framework["rounds"].reverse()
+        return {"commit": {"short": commit, "id": commit * 5}, "cells": [
+            cell("keras-fit", keras_ms), framework,
+            cell("time-to-accuracy", seconds, recipe="fast", target_accuracy=0.99)]}
+
+    for name, commit, values in (("a", "old1234", ([10, 12], [10, 8], [16, 16])),
+                                 ("b", "new5678", ([9, 9], [9, 6], [15, 15])),
+                                 ("c", "other00", ([1, 1], [1, 1], [1, 1]))):
+        (tmp_path / "training").mkdir(exist_ok=True)
+        (tmp_path / "training" / f"{name}-{commit}.json").write_text(json.dumps(run(commit, *values)))
+    rows = {line.split(" | ")[2]: line.split(" | ")[3:] for line in ab.table("old1234", "new5678", [tmp_path])[2:]}
+    assert rows["keras-fit ms/step"] == ["11.000, 2", "9.000, 2", "0.818 [0.750-0.900] |"]
+    # Old: 10/10 and 12/8 (median 1.25); new: 9/9 and 9/6 (median 1.25): 1.0.
+    assert rows["Keras overhead (keras-fit / framework, per round)"][:2] == ["1.250, 2", "1.250, 2"]
+    assert rows["seconds to 99.0%, fast recipe"] == ["16.000, 2", "15.000, 2", "0.938 [0.938-0.938] |"]
+    assert ab.main(["old1234", "missing", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("ab.py: no compare.py results file of commit 'missing'")
+
+
 def test_window_figures_leave_out_warmup_and_count_window_images():
     started = 100.0
     ends = [101.0, 101.5, 101.52, 101.54, 101.57, 101.60]  # compile, one warm-up, then 4 steps
