@@ -7,7 +7,7 @@ name and its "commit" record); every compare.py JSON file under the folders that
 them wrote is read, in name order. Run the two sides from their own git worktrees, in
 turns (old, new, old, new), so that the host's drift falls on both.
 
-Per backend and device: keras-fit's and the hand-written framework loop's ms/step over all
+Per backend, device and batch size: keras-fit's and the hand-written framework loop's ms/step over all
 rounds, Keras' overhead (keras-fit over the framework per round, from the pair that ran side
 by side in one run) and the seconds to the target per recipe. New over old is the ratio of
 the two sides' medians with a 95% percentile-bootstrap CI, each side's rounds resampled on
@@ -46,10 +46,10 @@ def ok_rounds(cell: dict) -> list[dict]:
 
 
 def figures(runs: list[dict]) -> dict:
-    """{(backend, device, figure): [one value per round]} over `runs`."""
+    """{(backend, device, batch, figure): [one value per round]} over `runs`."""
     values = defaultdict(list)
     for run in runs:
-        cells = {(cell["backend"], cell["device"], cell["path"], cell.get("recipe")): cell
+        cells = {(cell["backend"], f"{cell['device']} b{cell['batch_size']}", cell["path"], cell.get("recipe")): cell
                  for cell in run["cells"] if cell.get("device_count", 1) == 1}
         for (backend, device, path, recipe), cell in cells.items():
             if path in TRAINING_PATHS:
@@ -84,7 +84,7 @@ def table(old_commit: str, new_commit: str, folders: list[Path]) -> list[str]:
             raise ValueError(f"no compare.py results file of commit {commit!r} under "
                              f"{', '.join(map(str, folders))}; name the short commit compare.py wrote into the files")
     old, new = figures(old_runs), figures(new_runs)
-    lines = ["| backend | device | figure | old: median, rounds | new: median, rounds | new / old [95% CI] |",
+    lines = ["| backend | device, batch | figure | old: median, rounds | new: median, rounds | new / old [95% CI] |",
              "| --- | --- | --- | ---: | ---: | ---: |"]
     for key in sorted(old.keys() & new.keys()):
         if not old[key] or not new[key]:

@@ -439,7 +439,10 @@ def run_description(run: dict) -> list[str]:
 
 LEGEND = (
     "Keras fit ms/step: median across rounds of one clean window's mean step (full batches inside "
-    "one prepared epoch, the device synced before every clock read), with its 95% bootstrap CI. "
+    "one prepared epoch, the device synced before every clock read), with its 95% bootstrap CI; where "
+    "Keras runs several steps per call (steps_per_execution in each round's figures: TensorFlow and JAX), "
+    "the clock sees each call's end, each step gets an even share of the call, the warm-up and window are "
+    "whole calls, p90 is of call means and compile s ends with the first call. "
     "Keras overhead: Keras fit's step over the hand-written framework loop's, per round from the pair "
     "that ran side by side, then the median and 95% CI; n.s. where the CI holds 1.0. % of floor: "
     "achieved GFLOP/s (training FLOPs per image x images/s) over the framework's own sgemm GFLOP/s at "

@@ -80,8 +80,10 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     from model.backend import BACKEND as backend
     from model.training import prepare_run
 
-    module, datamodule, trainer = prepare_run(config.replace(epochs=1))
+    module, datamodule, trainer = prepare_run(
+        config.replace(epochs=1, limit_train_batches=spec["warmup_steps"] + spec["window_steps"]))
     # Steps per call as train.py's whole epochs get them; the window in whole calls.
+    datamodule.limit_train_batches = None
     trainer.steps_per_execution = trainer.steps_per_call(datamodule.steps_per_epoch)
     warmup_steps, window_steps = (-(-spec[name] // trainer.steps_per_execution) * trainer.steps_per_execution
                                   for name in ("warmup_steps", "window_steps"))

@@ -4,13 +4,15 @@
 batches (their order and augmentation a function of seed and epoch only, so identical
 on every backend and on resume) and runs `module.fit` with these callbacks besides the
 user's:
-- `StopOnNonFiniteLoss`: stops at the first NaN/inf loss, naming epoch and step;
+- `StopOnNonFiniteLoss`: stops at the first NaN/inf loss, naming epoch and step (with
+  several steps per call, the call's steps);
 - `StepTimer`: per-step and per-epoch wall times;
 - `AtomicCheckpoint`: `last.keras` (the module with its optimizer, for --resume) every
   epoch and `best.keras` (the bare network in stock Keras layers) by validation accuracy,
   each written atomically, with the trainer state (epoch, best, history, the run's
   settings) stored inside last.keras;
-- `StopOnInterrupt`: the first Ctrl-C stops at the next step boundary, the second at once.
+- `StopOnInterrupt`: the first Ctrl-C stops at the end of the steps running (one call of
+  Keras' step function: up to 16 steps on TensorFlow and JAX), the second at once.
 """
 
 from __future__ import annotations
@@ -56,22 +58,27 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     with the epoch and step named, and no checkpoint is written after the bad step."""
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
+        self.epoch, self.steps_done = epoch, 0
 
     def on_train_batch_end(self, batch, logs=None):
         # Reading the loss is a host-device sync point; the progress bar makes it anyway.
+        # With several steps per call Keras reports each call's last step: the loss went
+        # bad somewhere in the call's steps.
         loss = float((logs or {}).get("loss", 0.0))
+        first, self.steps_done = self.steps_done + 1, batch + 1
         if not math.isfinite(loss):
-            raise NonFiniteLossError(f"loss became {loss} at epoch {self.epoch + 1}, step {batch + 1}; stopped. "
+            steps = f"step {batch + 1}" if first == batch + 1 else f"steps {first}-{batch + 1}"
+            raise NonFiniteLossError(f"loss became {loss} at epoch {self.epoch + 1}, {steps}; stopped. "
                                      "Try a smaller --lr")
 
 
 class StopOnInterrupt(keras.callbacks.Callback):
-    """Ctrl-C stops training at the next step boundary, on every backend.
+    """Ctrl-C stops training at the end of the steps running (one call of Keras' step
+    function: one step, or several with steps_per_execution), on every backend.
 
     A SIGINT handler only records the request: Keras' JAX path swallows a KeyboardInterrupt
     raised inside its log conversion (a bare `except`), and elsewhere one raised mid-step
-    gives a long traceback. The callback raises at the end of the step instead, before any
+    gives a long traceback. The callback raises at the end of the call instead, before any
     checkpoint of the partial epoch. A second Ctrl-C exits at once (os._exit), leaving the
     last checkpoint, which is always whole (written atomically)."""
 
@@ -95,7 +102,7 @@ class StopOnInterrupt(keras.callbacks.Callback):
             os._exit(130)
         self.requested = True
         # On stdout, so that stderr keeps the one line that says where the run stopped.
-        os.write(1, b"\ntrain.py: Ctrl-C: stopping after this step; press it again to stop at once\n")
+        os.write(1, b"\ntrain.py: Ctrl-C: stopping after the steps running; press it again to stop at once\n")
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -119,6 +126,8 @@ class StepTimer(keras.callbacks.Callback):
         super().__init__()
         self.step_seconds: list[list[float]] = []
         self.epoch_seconds: list[float] = []
+        # The steps done at each call's end in the first epoch (the warm-up ends at one).
+        self.first_calls: list[int] = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = self._last = time.perf_counter()
@@ -130,12 +139,16 @@ class StepTimer(keras.callbacks.Callback):
         now = time.perf_counter()
         self.step_seconds[-1].extend(spread_over_steps(now - self._last, batch + 1 - len(self.step_seconds[-1])))
         self._last = now
+        if len(self.step_seconds) == 1:
+            self.first_calls.append(batch + 1)
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
 
     def step_ms_median(self, warmup_steps: int = WARMUP_STEPS) -> float | None:
-        """Median step time, leaving out the run's first steps (model.timing)."""
+        """Median step time, leaving out the run's first steps (model.timing), rounded up to
+        whole calls: a call's even shares would carry its compile time past the warm-up."""
+        warmup_steps = next((done for done in self.first_calls if done >= warmup_steps), warmup_steps)
         steps = np.concatenate([past_warmup(self.step_seconds[0], warmup_steps), *self.step_seconds[1:]]
                                ) if self.step_seconds else []
         return float(np.median(steps) * 1000) if len(steps) else None
@@ -334,11 +347,14 @@ class Trainer:
 
     def steps_per_call(self, steps_per_epoch: int) -> int:
         """Training steps per call of Keras' step function for epochs of `steps_per_epoch`."""
+        most = BACKEND.most_steps_per_execution()
+        if self.engine is not None:  # data parallel: the engine says what it can run
+            most = self.engine.steps_per_execution(most)
         if self.steps_per_execution == "auto":
-            most = BACKEND.most_steps_per_execution()
-            if self.engine is not None:  # data parallel: the engine says what it can run
-                most = self.engine.steps_per_execution(most)
             return whole_executions(steps_per_epoch, most)
+        if not 1 <= self.steps_per_execution <= most:
+            raise ValueError(f"steps_per_execution {self.steps_per_execution} is not in 1..{most}, what this "
+                             "backend (and data-parallel engine) runs; use one of those, or 'auto'")
         if steps_per_epoch % self.steps_per_execution:
             raise ValueError(f"steps_per_execution {self.steps_per_execution} does not divide an epoch's "
                              f"{steps_per_epoch} steps; use a divisor of it, or 'auto'")

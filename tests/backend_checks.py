@@ -441,6 +441,10 @@ def checkpoint_safety(workdir: Path) -> dict:
         "resume_max_weight_difference": difference,
         "resumed_history_epochs": [h["epoch"] for h in resumer.history],
         "resumed_steps": int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)),
+        # The resumed module's steps per call: the running Trainer's choice, not the 1 that
+        # the checkpoint's compile config records.
+        "resumed_steps_per_execution": resumed.steps_per_execution,
+        "uninterrupted_steps_per_execution": uninterrupted.steps_per_execution,
         "errors": errors,
     }
 

@@ -517,15 +517,17 @@ def test_ab_compares_two_commits_medians_and_pairs_overhead_by_round(tmp_path, c
     from benchmarks import ab
 
     def run(commit, keras_ms, framework_ms, seconds):
-        def cell(path, values, **extra):
+        def cell(path, values, batch_size=128, **extra):
             rounds = [{"status": "ok", "round": index, "step_ms_mean": value, "seconds_to_target": value,
                        "reached_target": True} for index, value in enumerate(values)]
-            return {"backend": "jax", "device": "cpu", "path": path, "device_count": 1, "rounds": rounds, **extra}
+            return {"backend": "jax", "device": "cpu", "path": path, "batch_size": batch_size, "device_count": 1,
+                    "rounds": rounds, **extra}
         # Rounds listed out of order on one side: pairs go by round number, not position.
         framework = cell("framework", framework_ms)
         framework["rounds"].reverse()
+        # Another batch size's cell after it: a row of its own, not mixed into batch 128's.
         return {"commit": {"short": commit, "id": commit * 5}, "cells": [
-            cell("keras-fit", keras_ms), framework,
+            cell("keras-fit", keras_ms), framework, cell("keras-fit", [99, 99], batch_size=64),
             cell("time-to-accuracy", seconds, recipe="fast", target_accuracy=0.99)]}
 
     for name, commit, values in (("a", "old1234", ([10, 12], [10, 8], [16, 16])),
@@ -533,7 +535,10 @@ def test_ab_compares_two_commits_medians_and_pairs_overhead_by_round(tmp_path, c
                                  ("c", "other00", ([1, 1], [1, 1], [1, 1]))):
         (tmp_path / "training").mkdir(exist_ok=True)
         (tmp_path / "training" / f"{name}-{commit}.json").write_text(json.dumps(run(commit, *values)))
-    rows = {line.split(" | ")[2]: line.split(" | ")[3:] for line in ab.table("old1234", "new5678", [tmp_path])[2:]}
+    rows = {(line.split(" | ")[1], line.split(" | ")[2]): line.split(" | ")[3:]
+            for line in ab.table("old1234", "new5678", [tmp_path])[2:]}
+    assert rows["cpu b64", "keras-fit ms/step"][2] == "1.000 [1.000-1.000] |"
+    rows = {figure: values for (device, figure), values in rows.items() if device == "cpu b128"}
     assert rows["keras-fit ms/step"] == ["11.000, 2", "9.000, 2", "0.818 [0.750-0.900] |"]
     # Old: 10/10 and 12/8 (median 1.25); new: 9/9 and 9/6 (median 1.25): 1.0.
     assert rows["Keras overhead (keras-fit / framework, per round)"][:2] == ["1.250, 2", "1.250, 2"]

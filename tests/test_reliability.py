@@ -106,7 +106,7 @@ def double_ctrl_c(root: Path) -> dict:
     training.wait_for(lambda: "Epoch 1/2" in training.stdout_path.read_text())
     time.sleep(0.2)
     training.interrupt()
-    training.wait_for(lambda: "stopping after this step" in training.stdout_path.read_text())
+    training.wait_for(lambda: "stopping after the steps running" in training.stdout_path.read_text())
     training.interrupt()
     return {"output": output, "result": training.result()}
 

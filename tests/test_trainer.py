@@ -43,12 +43,22 @@ for steps in (7, 3):
 out["steps_recorded"] = [len(epoch) for epoch in timer.step_seconds]
 out["epochs_recorded"] = len(timer.epoch_seconds)
 # Keras' callbacks see only each call's last step when a call runs several
-# (steps_per_execution): calls ending at steps 4 and 10 of an epoch of 10.
-timer.on_epoch_begin(0)
-for step in (3, 9):
-    timer.on_train_batch_end(step)
-timer.on_epoch_end(0)
-out["calls_shares"] = [round(share / timer.step_seconds[-1][0], 6) for share in timer.step_seconds[-1]]
+# (steps_per_execution): calls of 8 and 2 steps, taking 16 and 1 seconds on a fake clock.
+import model.trainer as trainer_module
+from types import SimpleNamespace
+
+clock, real_time = iter([100.0, 116.0, 117.0, 117.0]), trainer_module.time
+trainer_module.time = SimpleNamespace(perf_counter=lambda: next(clock))
+calls = StepTimer()
+calls.on_epoch_begin(0)
+for step in (7, 9):
+    calls.on_train_batch_end(step)
+calls.on_epoch_end(0)
+trainer_module.time = real_time
+out["calls_shares"] = calls.step_seconds[0]
+# The 5 warm-up steps end inside the first call: the whole call is left out (its shares
+# carry the compile time), so the median is the second call's share, 0.5 s.
+out["calls_median_ms"] = calls.step_ms_median()
 
 # Steps per call that divide an epoch, up to the backend's most.
 from model.trainer import whole_executions
@@ -147,9 +157,10 @@ def trainer_runs(tmp_path_factory):
 def test_step_timer_records_each_step_and_medians_past_warm_up(trainer_runs):
     pieces, _ = trainer_runs
     assert pieces["steps_recorded"] == [7, 3] and pieces["epochs_recorded"] == 2
-    # Calls of 4 and 6 steps: every step recorded, each call's time shared evenly.
-    assert len(pieces["calls_shares"]) == 10 and pieces["calls_shares"][:4] == [1.0] * 4
-    assert len(set(pieces["calls_shares"][4:])) == 1
+    # Calls of 8 and 2 steps taking 16 and 1 s: every step recorded, each call's time shared
+    # evenly; the warm-up (5 steps) ends with the first call, not inside it (2,000 ms).
+    assert pieces["calls_shares"] == pytest.approx([2.0] * 8 + [0.5] * 2)
+    assert pieces["calls_median_ms"] == pytest.approx(500.0)
     # Median of 10, 30, 20, 40, 50 ms: the five 9-second warm-up steps are not in it.
     assert pieces["median_ms"] == pytest.approx(30.0)
     assert pieces["median_ms_warmup_only"] is None
