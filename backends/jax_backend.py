@@ -35,7 +35,7 @@ def most_steps_per_execution() -> int:
     trainer runs them as a Python loop of the compiled step: the callbacks, among them the
     loss read that waits for the step to end, run once per call, and the steps in between
     are dispatched while the previous one runs. Measured on a 2-core AVX-512 CPU: the
-    keras-fit step 0.93x [0.75-1.10], not significant (`steps-per-execution-ab/`), with
+    keras-fit step 0.93x [0.75-1.09], not significant (`steps-per-execution-ab/`), with
     the same weights bit for bit; kept for the dispatch ahead, which should matter most
     for a GPU's short steps (not measured: no GPU was lent)."""
     return 16

@@ -11,8 +11,8 @@ Per backend, device and batch size: keras-fit's and the hand-written framework l
 rounds, Keras' overhead (keras-fit over the framework per round, from the pair that ran side
 by side in one run) and the seconds to the target per recipe. New over old is the ratio of
 the two sides' medians with a 95% percentile-bootstrap CI, each side's rounds resampled on
-their own (unpaired: the sides ran in different processes and minutes; 10,000 resamples,
-seed 0). Prints a markdown table.
+their own (unpaired: the sides ran in different processes and minutes;
+benchmarks/confidence.py ratio_of_medians_ci). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
+
+from benchmarks.confidence import ratio_of_medians_ci  # noqa: E402
+from benchmarks.summary import paired_rounds  # noqa: E402
 
 TRAINING_PATHS = ("keras-fit", "framework")
 TIME_TO_ACCURACY = "time-to-accuracy"
@@ -58,23 +62,10 @@ def figures(runs: list[dict]) -> dict:
                 values[backend, device, f"seconds to {cell['target_accuracy']:.1%}, {recipe} recipe"] += [
                     r["seconds_to_target"] for r in ok_rounds(cell) if r.get("reached_target")]
             if path == "keras-fit" and (backend, device, "framework", recipe) in cells:
-                framework = {r["round"]: r for r in ok_rounds(cells[backend, device, "framework", recipe])}
+                pairs = paired_rounds(cell, cells[backend, device, "framework", recipe], "step_ms_mean")
                 values[backend, device, "Keras overhead (keras-fit / framework, per round)"] += [
-                    r["step_ms_mean"] / framework[r["round"]]["step_ms_mean"]
-                    for r in ok_rounds(cell) if r["round"] in framework]
+                    keras / framework for keras, framework in pairs]
     return values
-
-
-def ratio_of_medians(old, new) -> tuple[float, float, float]:
-    """median(new) / median(old) and its 95% percentile-bootstrap CI (unpaired)."""
-    old, new = np.asarray(old, dtype=float), np.asarray(new, dtype=float)
-    middle = float(np.median(new) / np.median(old))
-    if min(old.size, new.size) < 2 or (np.ptp(old) == 0 and np.ptp(new) == 0):
-        return middle, middle, middle  # nothing to resample: every resample gives the same ratio
-    result = stats.bootstrap((old, new), lambda a, b, axis=-1: np.median(b, axis=axis) / np.median(a, axis=axis),
-                             n_resamples=10_000, method="percentile", vectorized=True, paired=False,
-                             rng=np.random.default_rng(0))
-    return middle, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def table(old_commit: str, new_commit: str, folders: list[Path]) -> list[str]:
@@ -89,9 +80,10 @@ def table(old_commit: str, new_commit: str, folders: list[Path]) -> list[str]:
     for key in sorted(old.keys() & new.keys()):
         if not old[key] or not new[key]:
             continue
-        middle, low, high = ratio_of_medians(old[key], new[key])
+        middle, low, high = ratio_of_medians_ci(old[key], new[key])
+        interval = f"[{low:.3f}-{high:.3f}]" if low is not None else "(one round: no CI)"
         lines.append(f"| {' | '.join(key)} | {np.median(old[key]):.3f}, {len(old[key])} | "
-                     f"{np.median(new[key]):.3f}, {len(new[key])} | {middle:.3f} [{low:.3f}-{high:.3f}] |")
+                     f"{np.median(new[key]):.3f}, {len(new[key])} | {middle:.3f} {interval} |")
     return lines
 
 

@@ -64,6 +64,24 @@ def paired_ratio_ci(numerators, denominators, confidence: float = 0.95,
     return median_ci(top / bottom, confidence=confidence, seed=seed)
 
 
+def ratio_of_medians_ci(old, new, confidence: float = 0.95,
+                        seed: int = 0) -> tuple[float, float | None, float | None]:
+    """median(new) / median(old) and its CI, each side's values resampled on their own
+    (unpaired: for two code versions run in different processes, as benchmarks/ab.py's)."""
+    before, after = _finite_array(old, "old"), _finite_array(new, "new")
+    middle = float(np.median(after) / np.median(before))
+    if min(before.size, after.size) < 2:
+        return middle, None, None
+    if np.all(before == before[0]) and np.all(after == after[0]):
+        return middle, middle, middle  # every resample gives the same ratio (scipy would warn)
+    result = stats.bootstrap(
+        (before, after), lambda a, b, axis=-1: np.median(b, axis=axis) / np.median(a, axis=axis),
+        confidence_level=confidence, n_resamples=N_RESAMPLES, method="percentile", vectorized=True,
+        paired=False, rng=np.random.default_rng(seed),
+    )
+    return middle, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def is_significant(low: float | None, high: float | None, null: float = 1.0) -> bool:
     """True when the CI [low, high] excludes `null`; False when it holds it or is missing."""
     if low is None or high is None or math.isnan(low) or math.isnan(high):

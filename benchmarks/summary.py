@@ -137,12 +137,18 @@ def summarize_row(row: dict) -> dict:
     return summary
 
 
-def _paired(row: dict, anchor: dict, figure: str) -> tuple | None:
-    """(median, CI or None, pairs) of row's `figure` over anchor's, per round of the same
-    source (the two ran in the same round, side by side); None without a pair."""
+def paired_rounds(row: dict, anchor: dict, figure: str) -> list[tuple[float, float]]:
+    """(row's, anchor's) `figure` for every round of the same source both ran ok (the two
+    ran in the same round, side by side)."""
     baseline = {(r.get("source"), r["round"]): r[figure] for r in anchor["rounds"] if r["status"] == "ok"}
-    pairs = [(r[figure], baseline[(r.get("source"), r["round"])]) for r in row["rounds"]
-             if r["status"] == "ok" and (r.get("source"), r["round"]) in baseline]
+    return [(r[figure], baseline[(r.get("source"), r["round"])]) for r in row["rounds"]
+            if r["status"] == "ok" and (r.get("source"), r["round"]) in baseline]
+
+
+def _paired(row: dict, anchor: dict, figure: str) -> tuple | None:
+    """(median, CI or None, pairs) of row's `figure` over anchor's, per round (paired_rounds);
+    None without a pair."""
+    pairs = paired_rounds(row, anchor, figure)
     if not pairs:
         return None
     ratio, low, high = paired_ratio_ci([p[0] for p in pairs], [p[1] for p in pairs])
