@@ -440,7 +440,8 @@ def run_description(run: dict) -> list[str]:
 LEGEND = (
     "Keras fit ms/step: median across rounds of one clean window's mean step (full batches inside "
     "one prepared epoch, the device synced before every clock read), with its 95% bootstrap CI; where "
-    "Keras runs several steps per call (steps_per_execution in each round's figures: TensorFlow and JAX), "
+    "a path runs several steps per call (steps_per_execution in each round's figures: on TensorFlow and JAX, "
+    "Keras fit and the hand-written loop beside it), "
     "the clock sees each call's end, each step gets an even share of the call, the warm-up and window are "
     "whole calls, p90 is of call means and compile s ends with the first call. "
     "Keras overhead: Keras fit's step over the hand-written framework loop's, per round from the pair "

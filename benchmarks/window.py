@@ -10,8 +10,9 @@ compile) and no data preparation.
 Clocks: after every step the backend's `synchronize` runs on the step's loss, then the
 clock is read; step i's time is the gap between the reads after steps i-1 and i. Where
 Keras runs several steps per call (train.py's steps_per_execution, Trainer "auto"), its
-callbacks, and so the clock, see only each call's last step: each step of a call gets an
-even share of the call's time, and the warm-up and the window are rounded up to whole calls.
+callbacks, and so the clock, see only each call's last step, and the hand-written loop
+runs as many steps per call: each step of a call gets an even share of the call's time,
+and the warm-up and the window are rounded up to whole calls.
   compile_s       fit()/build start to the end of the first step (data already prepared;
                   with several steps per call, the end of the first call, its other steps included);
   step_ms         every window step's time (the latency distribution);
@@ -28,7 +29,7 @@ import time
 
 import numpy as np
 
-from model.timing import past_warmup, spread_over_steps, step_seconds
+from model.timing import past_warmup, spread_over_steps, step_seconds, whole_executions
 
 
 def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -144,34 +145,48 @@ def worker_barrier(engine):
 
 
 def run_framework_path(spec: dict, config, progress) -> dict:
-    """The hand-written baseline on the same prepared window, with no keras import."""
+    """The hand-written baseline on the same prepared window, with no keras import, as many
+    steps per call as the Keras path runs on this backend (its `most_steps_per_execution`,
+    a divisor of the epoch: model.timing.whole_executions), the loss read after each call."""
     importlib.import_module(spec["backend"])
     keras_before = keras_modules()
+    from backends import backend_module
     from benchmarks.framework import load_baseline
     from benchmarks.initial_weights import seeded_cnn_weights
     from model.data import datamodule_from
 
-    steps = spec["warmup_steps"] + spec["window_steps"]
-    datamodule = datamodule_from(config, limit_train_batches=steps).setup()
+    datamodule = datamodule_from(config, limit_train_batches=None).setup()
+    per_call = whole_executions(datamodule.steps_per_epoch, backend_module(spec["backend"]).most_steps_per_execution())
+    warmup_steps, window_steps = (-(-spec[name] // per_call) * per_call for name in ("warmup_steps", "window_steps"))
+    steps = warmup_steps + window_steps
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
     optimizer = {"lr": config.lr, "decay_steps": steps, "ema_momentum": config.ema_momentum,
                  "label_smoothing": config.label_smoothing}
     baseline = load_baseline(spec["backend"]).build(seeded_cnn_weights(config.seed), **optimizer)
-    progress(f"{spec['backend']} baseline: {steps} steps, data prepared in {data_s:.2f} s")
-    step_ends = []
+    progress(f"{spec['backend']} baseline: {steps} steps, {per_call} a call, data prepared in {data_s:.2f} s")
+    # Each call's batches as one stack (steps, batch, ...): a view of the prepared arrays.
+    calls = zip(images.reshape(-1, per_call, config.batch_size, *images.shape[1:]),
+                labels.reshape(-1, per_call, config.batch_size, *labels.shape[1:]))
+    step_ends, call_ends = [], []
     started = time.perf_counter()
-    for start in range(0, len(images), config.batch_size):
-        loss = baseline.train_step(images[start:start + config.batch_size], labels[start:start + config.batch_size])
-        baseline.synchronize(loss)  # the device has finished this step
-        # Reading the loss each step, as the Keras paths' NaN guard does.
+    for call_images, call_labels in calls:
+        loss = baseline.train_steps(call_images, call_labels) if per_call > 1 else baseline.train_step(
+            call_images[0], call_labels[0])
+        baseline.synchronize(loss)  # the device has finished this call's steps
+        # Reading the loss after each call, as the Keras paths' NaN guard does.
         if not math.isfinite(baseline.loss_value(loss)):
-            raise FloatingPointError(f"loss became {baseline.loss_value(loss)} at step {len(step_ends) + 1}")
-        step_ends.append(time.perf_counter())
-    figures = window_figures(started, step_ends, spec["warmup_steps"], config.batch_size)
+            raise FloatingPointError(f"loss became {baseline.loss_value(loss)} at steps "
+                                     f"{len(step_ends) + 1}-{len(step_ends) + per_call}")
+        now = time.perf_counter()
+        previous = step_ends[-1] if step_ends else started
+        step_ends.extend((previous + np.cumsum(spread_over_steps(now - previous, per_call))).tolist())
+        call_ends.append(now)
+    figures = {**window_figures(started, step_ends, warmup_steps, config.batch_size), "compile_s": call_ends[0] - started}
     added = sorted(keras_modules() - keras_before)
     return {**add_epoch_estimate(figures, data_s, epoch_images), "steps_run": len(step_ends), "epochs_run": 1,
             "window_images": len(images), "device_name": baseline.device_name(),
-            "peak_device_mb": baseline.peak_device_memory_mb(), "keras_imported_by_path": bool(added)}
+            "peak_device_mb": baseline.peak_device_memory_mb(), "keras_imported_by_path": bool(added),
+            "steps_per_execution": per_call}
 
 
 def keras_modules() -> set[str]:

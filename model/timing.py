@@ -1,7 +1,7 @@
-"""Step times with the warm-up left out: one rule for train.py's run.json (StepTimer)
-and the benchmark's timing windows (benchmarks/window.py). The first steps trace,
-compile and touch memory for the first time; they measure start-up, not the step.
-numpy only: the benchmark's framework baselines run without keras."""
+"""Step times with the warm-up left out, and steps grouped into calls: one rule for
+train.py's run.json (StepTimer) and the benchmark's timing windows (benchmarks/window.py).
+The first steps trace, compile and touch memory for the first time; they measure
+start-up, not the step. numpy only: the benchmark's framework baselines run without keras."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def spread_over_steps(seconds: float, steps: int) -> list[float]:
     if steps < 1:
         raise ValueError(f"a call that ran {steps} steps: its last step must follow the previous call's")
     return [seconds / steps] * steps
+
+
+def whole_executions(steps_per_epoch: int, most: int) -> int:
+    """The most steps per call of a step function, up to `most`, that divides an epoch: Keras
+    takes a call's steps from the feed, which here runs on over every epoch, so a call
+    crossing an epoch's end would train on the next epoch's first batches before this
+    epoch's validation and checkpoint (the benchmark's hand-written loops take the same
+    count, benchmarks/window.py)."""
+    return max(count for count in range(1, max(min(most, steps_per_epoch), 1) + 1) if steps_per_epoch % count == 0)

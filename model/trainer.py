@@ -35,7 +35,7 @@ from model.config import TrainConfig
 from model.data import MNISTDataModule
 from model.module import CNNModule
 from model.runtime import resume_garbage_collection
-from model.timing import WARMUP_STEPS, past_warmup, spread_over_steps
+from model.timing import WARMUP_STEPS, past_warmup, spread_over_steps, whole_executions
 
 LAST_CHECKPOINT = "last.keras"
 BEST_CHECKPOINT = "best.keras"
@@ -215,14 +215,6 @@ class ValidateUnsharded(keras.callbacks.Callback):
                                           return_dict=True)
         if logs is not None:
             logs.update({f"val_{name}": value for name, value in results.items()})
-
-
-def whole_executions(steps_per_epoch: int, most: int) -> int:
-    """The most steps per call of Keras' step function, up to `most`, that divides an epoch:
-    Keras takes a call's steps from the feed, which here runs on over every epoch, so a call
-    crossing an epoch's end would train on the next epoch's first batches before this
-    epoch's validation and checkpoint."""
-    return max(count for count in range(1, max(min(most, steps_per_epoch), 1) + 1) if steps_per_epoch % count == 0)
 
 
 @dataclass

@@ -61,7 +61,7 @@ out["calls_shares"] = calls.step_seconds[0]
 out["calls_median_ms"] = calls.step_ms_median()
 
 # Steps per call that divide an epoch, up to the backend's most.
-from model.trainer import whole_executions
+from model.timing import whole_executions
 
 out["whole_executions"] = [whole_executions(steps, 16) for steps in (430, 18, 17, 7, 1, 32)]
 # Known step times: the first 5 steps of the first epoch (tracing) are left out.

@@ -9,7 +9,10 @@ exposes `build(weights, lr, decay_steps=0, ema_momentum=None, label_smoothing=0.
 (10,). Images are float32 NHWC (N,28,28,1) in [0, 1], labels int32 (N,). With
 ema_momentum, a baseline keeps Keras' exponential moving average of the weights
 (`Adam(use_ema=True)`), and its trained weights (`get_weights`, `predict`) are the average,
-as Keras puts the average in place when fit() ends.
+as Keras puts the average in place when fit() ends. A Baseline's `train_step(images, labels)`
+runs one step on a batch, its `train_steps(images, labels)` one step on each of a stack of
+batches (steps, batch, ...) in one call, as Keras' steps_per_execution does (a graph loop on
+TensorFlow, `lax.scan` on JAX, a Python loop on torch); both return the last loss unread.
 """
 
 from __future__ import annotations

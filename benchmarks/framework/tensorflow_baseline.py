@@ -1,6 +1,7 @@
 """TensorFlow baseline: the CNN and Keras' Adam written directly in TensorFlow, no Keras.
 
-One `tf.function` step over raw `tf.Variable`s, updated in place with `assign_*`. Compiled
+One `tf.function` step over raw `tf.Variable`s, updated in place with `assign_*`, and one
+running several steps as a graph loop in one call (as Keras' steps_per_execution). Compiled
 with XLA or not as the Keras path is on this machine (`default_jit_compile` in
 backends/tensorflow_backend.py, by CPU), with the convolution and pooling that suit each,
 as the Keras path computes them (`pooled_relu_conv` there): four strided convolutions and
@@ -24,7 +25,6 @@ backends/tensorflow_backend.py says why).
 
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 import tensorflow as tf
@@ -101,6 +101,15 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, e
     return loss, state
 
 
+def train_steps(state: TrainState, images, labels, **settings):
+    """One Adam step on each batch images[i], labels[i] in turn, as a graph loop inside
+    one call (what Keras' steps_per_execution runs); returns (the last step's loss, state)."""
+    loss = tf.constant(0.0)
+    for i in tf.range(tf.shape(images)[0]):
+        loss, _ = train_step(state, images[i], labels[i], **settings)
+    return loss, state
+
+
 # ---------------------------------------------------------------------- baseline
 
 
@@ -108,17 +117,24 @@ class Baseline:
     def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None,
                  label_smoothing: float = 0.0, jit_compile: bool = JIT_COMPILE):
         self.state = state
-        step = functools.partial(train_step, state, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum,
-                                 label_smoothing=label_smoothing)
+        settings = {"lr": lr, "decay_steps": decay_steps, "ema_momentum": ema_momentum,
+                    "label_smoothing": label_smoothing}
         # A tf.function returns the values of variables, not the variables: keep the loss only.
-        self._step = tf.function(lambda images, labels: step(images, labels)[0], jit_compile=jit_compile,
-                                 reduce_retracing=True)
+        self._step = tf.function(lambda images, labels: train_step(state, images, labels, **settings)[0],
+                                 jit_compile=jit_compile, reduce_retracing=True)
+        self._steps = tf.function(lambda images, labels: train_steps(state, images, labels, **settings)[0],
+                                  jit_compile=jit_compile, reduce_retracing=True)
         self._predict = tf.function(lambda images: tf.nn.softmax(forward(self.trained_params(), images)),
                                     jit_compile=jit_compile, reduce_retracing=True)
 
     def train_step(self, images, labels):
         """One Adam step on a batch; returns the loss, still on the device (no sync)."""
         return self._step(images, labels)
+
+    def train_steps(self, images, labels):
+        """One Adam step on each batch of `images` (steps, batch, 28, 28, 1) and `labels`
+        (steps, batch), all in one call; returns the last step's loss, still on the device."""
+        return self._steps(images, labels)
 
     def synchronize(self, value) -> None:
         # Reading a tensor to host waits for the device to finish computing it.

@@ -123,6 +123,14 @@ def train_step(state: TrainState, images, labels, lr: float, decay_steps: int, e
     return loss.detach(), state._replace(iterations=state.iterations + 1)
 
 
+def train_steps(state: TrainState, images, labels, **settings):
+    """One Adam step on each batch images[i], labels[i] in turn (eager: a Python loop; Keras
+    runs one step per call on torch); returns (the last step's loss, state)."""
+    for batch_images, batch_labels in zip(images, labels):
+        loss, state = train_step(state, batch_images, batch_labels, **settings)
+    return loss, state
+
+
 # ---------------------------------------------------------------------- baseline
 
 
@@ -130,15 +138,25 @@ class Baseline:
     def __init__(self, state: TrainState, lr: float, decay_steps: int, ema_momentum: float | None,
                  label_smoothing: float = 0.0):
         self.state = state
-        # Eager: the step is the plain function.
-        self._step = functools.partial(train_step, lr=lr, decay_steps=decay_steps, ema_momentum=ema_momentum,
-                                       label_smoothing=label_smoothing)
+        settings = {"lr": lr, "decay_steps": decay_steps, "ema_momentum": ema_momentum,
+                    "label_smoothing": label_smoothing}
+        # Eager: the steps are the plain functions.
+        self._step = functools.partial(train_step, **settings)
+        self._steps = functools.partial(train_steps, **settings)
 
     def train_step(self, images, labels):
         """One Adam step on a batch; returns the loss, still on the device (no sync)."""
         images = torch.as_tensor(images).to(DEVICE, non_blocking=True)
         labels = torch.as_tensor(labels).to(DEVICE, non_blocking=True)
         loss, self.state = self._step(self.state, images, labels)
+        return loss
+
+    def train_steps(self, images, labels):
+        """One Adam step on each batch of `images` (steps, batch, 28, 28, 1) and `labels`
+        (steps, batch), all in one call; returns the last step's loss, still on the device."""
+        images = torch.as_tensor(images).to(DEVICE, non_blocking=True)
+        labels = torch.as_tensor(labels).to(DEVICE, non_blocking=True)
+        loss, self.state = self._steps(self.state, images, labels)
         return loss
 
     def synchronize(self, value) -> None:
