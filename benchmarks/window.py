@@ -3,8 +3,8 @@
 Before the window, the data module's first epoch is prepared (shuffled and augmented:
 `data_s_per_epoch`; --quick prepares only the window's batches and scales) and cut to `warmup_steps + window_steps` full batches, which every
 path gets as the same arrays: the Keras paths through train.py's own code (prepare_run,
-Trainer.fit, whose feed then slices the prepared arrays), the framework path batch by
-batch. So the window lies inside one epoch, holds only full batches (no new shape to
+Trainer.fit, whose feed then slices the prepared arrays), the framework path a call's
+batches at a time. So the window lies inside one epoch, holds only full batches (no new shape to
 compile) and no data preparation.
 
 Clocks: after every step the backend's `synchronize` runs on the step's loss, then the
@@ -175,8 +175,8 @@ def run_framework_path(spec: dict, config, progress) -> dict:
         baseline.synchronize(loss)  # the device has finished this call's steps
         # Reading the loss after each call, as the Keras paths' NaN guard does.
         if not math.isfinite(baseline.loss_value(loss)):
-            raise FloatingPointError(f"loss became {baseline.loss_value(loss)} at steps "
-                                     f"{len(step_ends) + 1}-{len(step_ends) + per_call}")
+            steps = f"steps {len(step_ends) + 1}-{len(step_ends) + per_call}" if per_call > 1 else f"step {len(step_ends) + 1}"
+            raise FloatingPointError(f"loss became {baseline.loss_value(loss)} at {steps}")
         now = time.perf_counter()
         previous = step_ends[-1] if step_ends else started
         step_ends.extend((previous + np.cumsum(spread_over_steps(now - previous, per_call))).tolist())

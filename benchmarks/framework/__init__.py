@@ -11,8 +11,12 @@ ema_momentum, a baseline keeps Keras' exponential moving average of the weights
 (`Adam(use_ema=True)`), and its trained weights (`get_weights`, `predict`) are the average,
 as Keras puts the average in place when fit() ends. A Baseline's `train_step(images, labels)`
 runs one step on a batch, its `train_steps(images, labels)` one step on each of a stack of
-batches (steps, batch, ...) in one call, as Keras' steps_per_execution does (a graph loop on
-TensorFlow, `lax.scan` on JAX, a Python loop on torch); both return the last loss unread.
+batches (steps, batch, ...) in one call, where Keras runs several steps per call
+(steps_per_execution; Keras itself runs a graph loop of its step on TensorFlow, a Python
+loop of its jitted step on JAX, and one step per call on torch). The baselines: a graph
+loop inside one `tf.function` (under XLA, where it compiles, the whole loop is one XLA
+program; Keras compiles only the step inside its loop), `lax.scan` inside one jitted call,
+a Python loop; both methods return the last loss unread.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ backends/tensorflow_backend.py says why).
 
 from __future__ import annotations
 
-
 import numpy as np
 import tensorflow as tf
 
