@@ -88,7 +88,7 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
     the same order, as the generator `datamodule.batches_from` JAX is fed (torch: as tensors).
     Keras' adapter for a generator (tf.data's from_generator, a Python call per batch)
     measured 38-41 ms/step against 21-23 for this, batch 128, CPU, jit_compile on."""
-    image_shape = (None, *datamodule.x_train.shape[1:])
+    image_shape, batch_size = (None, *datamodule.x_train.shape[1:]), datamodule.batch_size
     per_epoch = datamodule.pieces_per_epoch
     # Made ahead by the data module's background thread, in order; the Trainer stops it.
     streamed = datamodule.stream(first_epoch, stop_epoch).pieces()
@@ -113,7 +113,14 @@ def training_data(datamodule, first_epoch: int, stop_epoch: int):
         images, labels = tf.numpy_function(piece_arrays, [number], (tf.float32, tf.int32), stateful=False)
         images.set_shape(image_shape)
         labels.set_shape((None,))
-        return tf.data.Dataset.from_tensor_slices((images, labels)).batch(datamodule.batch_size)
+        # The whole batches as slices of one reshaped tensor, one copy each, where batching
+        # the piece's images copies them one at a time (0.31 -> 0.14 ms of CPU a batch on
+        # tf.data's threads, one-off); the epoch's last piece may end in a partial batch.
+        whole = tf.shape(labels)[0] // batch_size * batch_size
+        batches = tf.data.Dataset.from_tensor_slices((tf.reshape(images[:whole], (-1, batch_size, *image_shape[1:])),
+                                                      tf.reshape(labels[:whole], (-1, batch_size))))
+        rest = tf.data.Dataset.from_tensor_slices((images[whole:], labels[whole:])).batch(batch_size)
+        return batches.concatenate(rest)
 
     return tf.data.Dataset.range((stop_epoch - first_epoch) * per_epoch).flat_map(piece_batches).prefetch(2)
 
