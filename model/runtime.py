@@ -15,7 +15,8 @@ import random
 import sys
 from pathlib import Path
 
-from backends import framework_environment, framework_flags_in_effect, import_framework_quietly
+from backends import (framework_environment, framework_flags_in_effect, import_framework_quietly,
+                      keep_jax_unimported)
 from model.config import BACKENDS
 
 
@@ -60,6 +61,7 @@ def select_backend(requested: str | None = None) -> str:
         )
     os.environ.update(framework_environment(backend))
     os.environ["KERAS_BACKEND"] = backend
+    keep_jax_unimported(backend)
     import_framework_quietly(backend)
     return backend
 

@@ -10,7 +10,7 @@ import pytest
 
 from backends import FRAMEWORK_FLAGS, QUIET_DEFAULTS, framework_environment
 from backends.layers import pooled_conv_windows
-from tests.helpers import BACKENDS, TRAIN_PY_MODEL, arrays, check_value, require_backend
+from tests.helpers import BACKENDS, TRAIN_PY_MODEL, arrays, check_value, require_backend, run_python
 
 EXPECTED_LAYERS = [
     ["conv2d", [26, 26, 32], 320],
@@ -115,6 +115,32 @@ def test_tensorflow_run_prints_no_info_chatter(dry_runs):
     chatter = [line for line in result.stderr.splitlines()
                if re.match(r"I\d{4} ", line) or "absl::InitializeLog" in line]
     assert not chatter, chatter
+
+
+JAX_AFTER_KERAS = """
+import sys
+from model.runtime import select_backend
+select_backend()
+import keras
+from keras.src.callbacks import orbax_checkpoint  # the module that imported jax at load
+print("jax imported with keras:", "jax" in sys.modules)
+import jax
+print("jax importable:", jax.numpy.add(1, 2) == 3)
+"""
+
+
+@pytest.mark.only_backends("tensorflow", "torch", reason="keras on JAX imports jax, its framework")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keras_and_tensorflow_load_without_jax_and_leave_it_importable(backend):
+    """Keras' orbax callback and TensorFlow's lite utilities import jax when they load, wherever
+    it is installed (backends._JAX_IMPORTERS): after select_backend they load without it on
+    TensorFlow and torch (0.8 s of torch's start, 0.56 of TensorFlow's), and jax still
+    imports when asked for."""
+    require_backend(backend)
+    result = run_python(["-c", JAX_AFTER_KERAS], backend, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "jax imported with keras: False" in result.stdout, result.stdout
+    assert "jax importable: True" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
