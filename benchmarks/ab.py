@@ -53,8 +53,9 @@ def figures(runs: list[dict]) -> dict:
     """{(backend, device, batch, figure): [one value per round]} over `runs`."""
     values = defaultdict(list)
     for run in runs:
+        # Cells that ran (a skipped one, a GPU's on a CPU machine, has no figures).
         cells = {(cell["backend"], f"{cell['device']} b{cell['batch_size']}", cell["path"], cell.get("recipe")): cell
-                 for cell in run["cells"] if cell.get("device_count", 1) == 1}
+                 for cell in run["cells"] if cell.get("device_count", 1) == 1 and ok_rounds(cell)}
         for (backend, device, path, recipe), cell in cells.items():
             if path in TRAINING_PATHS:
                 values[backend, device, f"{path} ms/step"] += [r["step_ms_mean"] for r in ok_rounds(cell)]

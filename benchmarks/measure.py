@@ -281,6 +281,8 @@ def measure_time_to_accuracy(spec: dict) -> dict:
         "steps_per_epoch": datamodule.steps_per_epoch,
         "test_images": len(datamodule.y_test),
         "keras_version": keras.__version__,
+        # Whether jax was imported by the run (train.py's start keeps it out on TensorFlow and torch).
+        "jax_imported": "jax" in sys.modules,
     }
 
 
@@ -357,10 +359,13 @@ def main(argv: list[str]) -> int:
     # This process's launch on the clock the cell measures with (time-to-accuracy counts from it).
     spec["launched_perf"] = time.perf_counter() - (time.time() - spec.get("launched_at", time.time()))
     if spec["path"] == TIME_TO_ACCURACY:
-        # As train.py starts (the cell times train.py's run from the process start).
-        from model.runtime import pause_garbage_collection
+        # As train.py starts (the cell times train.py's run from the process start): the
+        # collector paused, then select_backend (its framework flags, TensorFlow imported
+        # quietly, jax kept out of Keras' and TensorFlow's imports).
+        from model.runtime import pause_garbage_collection, select_backend
 
         pause_garbage_collection()
+        select_backend(spec["backend"])
     from model.checkpoint import write_json
 
     try:

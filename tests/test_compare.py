@@ -235,6 +235,8 @@ def test_quick_run_time_to_accuracy_and_predict_cells(quick_run):
         assert result["config"]["epochs"] == TrainConfig().epochs
         # The clock runs from the process's launch, the per-epoch checks left out.
         assert 0 < cell["seconds_to_target"] < result["process_wall_s"] - result["evaluation_s"] + 1
+        # It starts as train.py does (select_backend): jax imported on JAX alone.
+        assert result["jax_imported"] is (cell["backend"] == "jax"), cell["backend"]
     predict = ok_cells(run, [PREDICT])
     assert {c["backend"] for c in predict} >= {b for b in BACKENDS if installed(b)}
     for cell in predict:
@@ -532,7 +534,10 @@ def test_ab_compares_two_commits_medians_and_pairs_overhead_by_round(tmp_path, c
         # Another batch size's cell after it: a row of its own, not mixed into batch 128's.
         return {"commit": {"short": commit, "id": commit * 5}, "cells": [
             cell("keras-fit", keras_ms), framework, cell("keras-fit", [99, 99], batch_size=64),
-            cell("time-to-accuracy", seconds, recipe="fast", target_accuracy=0.99)]}
+            cell("time-to-accuracy", seconds, recipe="fast", target_accuracy=0.99),
+            # A GPU's cell skipped on a CPU machine: no figures, no target, no row.
+            {"backend": "jax", "device": "gpu", "path": "time-to-accuracy", "recipe": "fast", "batch_size": 128,
+             "device_count": 1, "status": "skipped", "rounds": [{"status": "skipped", "round": 0}]}]}
 
     for name, commit, values in (("a", "old1234", ([10, 12], [10, 8], [16, 16])),
                                  ("b", "new5678", ([9, 9], [9, 6], [15, 15])),
@@ -542,6 +547,7 @@ def test_ab_compares_two_commits_medians_and_pairs_overhead_by_round(tmp_path, c
     rows = {(line.split(" | ")[1], line.split(" | ")[2]): line.split(" | ")[3:]
             for line in ab.table("old1234", "new5678", [tmp_path])[2:]}
     assert rows["cpu b64", "keras-fit ms/step"][2] == "1.000 [1.000-1.000] |"
+    assert not [key for key in rows if key[0].startswith("gpu")]
     rows = {figure: values for (device, figure), values in rows.items() if device == "cpu b128"}
     assert rows["keras-fit ms/step"] == ["11.000, 2", "9.000, 2", "0.818 [0.750-0.900] |"]
     # Old: 10/10 and 12/8 (median 1.25); new: 9/9 and 9/6 (median 1.25): 1.0.
