@@ -125,8 +125,10 @@ def import_tensorflow_quietly() -> None:
 
 # Modules that import jax when they load, wherever jax is installed, on every backend, only
 # to fall back when it is absent (`try: import jax ... except ImportError`), for features
-# this project's TensorFlow and torch processes do not use: 0.8 s of `import keras` on torch
-# (3.2 s in all) and 0.56 s of `import tensorflow` here (python -X importtime, one-off).
+# this project's TensorFlow and torch processes do not use. Without it, one-off on this
+# host: select_backend and `import keras` 3.00 -> 2.71 s on torch, 3.02 -> 2.57 s on
+# TensorFlow (5 alternating processes each, medians); a time-to-accuracy run's peak memory
+# 1,129 -> 1,060 MB and 1,444 -> 1,339 MB (benchmarks/results/.../jax-unimported-ab/).
 _JAX_IMPORTERS = {
     "keras.src.callbacks.orbax_checkpoint",  # a shim on jax.monitoring for Keras' orbax callback
     "tensorflow.lite.python.util",  # jax.jit, for TFLite's conversion of JAX functions

@@ -134,8 +134,8 @@ print("jax importable:", jax.numpy.add(1, 2) == 3)
 def test_keras_and_tensorflow_load_without_jax_and_leave_it_importable(backend):
     """Keras' orbax callback and TensorFlow's lite utilities import jax when they load, wherever
     it is installed (backends._JAX_IMPORTERS): after select_backend they load without it on
-    TensorFlow and torch (0.8 s of torch's start, 0.56 of TensorFlow's), and jax still
-    imports when asked for."""
+    TensorFlow and torch (0.3-0.45 s of a start, 69-105 MB), and jax still imports when
+    asked for."""
     require_backend(backend)
     result = run_python(["-c", JAX_AFTER_KERAS], backend, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
