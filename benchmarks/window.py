@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from model.timing import past_warmup, spread_over_steps, step_seconds, whole_executions
+from model.timing import past_warmup, spread_over_steps, step_range, step_seconds, whole_calls, whole_executions
 
 
 def prepared_epoch(datamodule, steps: int, whole_epoch: bool = True) -> tuple[np.ndarray, np.ndarray, float, int]:
@@ -69,6 +69,14 @@ def window_figures(started: float, step_ends: list[float], warmup_steps: int, ba
     }
 
 
+def add_call(step_ends: list[float], call_ends: list[float], started: float, now: float, steps: int) -> None:
+    """Record a call that ran `steps` steps and ended at `now` (`started`: the clock read
+    before the first call): each step's end, the call's time shared evenly, and the call's."""
+    previous = step_ends[-1] if step_ends else started
+    step_ends.extend((previous + np.cumsum(spread_over_steps(now - previous, steps))).tolist())
+    call_ends.append(now)
+
+
 def add_epoch_estimate(figures: dict, data_s: float, epoch_images: int) -> dict:
     figures.update(data_s_per_epoch=data_s, epoch_s=data_s + epoch_images / figures["images_per_s"])
     return figures
@@ -86,7 +94,7 @@ def run_keras_path(spec: dict, config, progress) -> dict:
     # Steps per call as train.py's whole epochs get them; the window in whole calls.
     datamodule.limit_train_batches = None
     trainer.steps_per_execution = trainer.steps_per_call(datamodule.steps_per_epoch)
-    warmup_steps, window_steps = (-(-spec[name] // trainer.steps_per_execution) * trainer.steps_per_execution
+    warmup_steps, window_steps = (whole_calls(spec[name], trainer.steps_per_execution)
                                   for name in ("warmup_steps", "window_steps"))
     steps = datamodule.limit_train_batches = warmup_steps + window_steps
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
@@ -109,9 +117,7 @@ def run_keras_path(spec: dict, config, progress) -> dict:
             barrier()  # and so has every other worker (data parallel with one process per device)
             now = time.perf_counter()
             # This call ran steps len(step_ends) + 1 to batch + 1 (several with steps_per_execution).
-            previous = step_ends[-1] if step_ends else started
-            step_ends.extend((previous + np.cumsum(spread_over_steps(now - previous, batch + 1 - len(step_ends)))).tolist())
-            call_ends.append(now)
+            add_call(step_ends, call_ends, started, now, batch + 1 - len(step_ends))
 
     trainer.callbacks.append(Clock())
     trainer.verbose = 0
@@ -157,7 +163,7 @@ def run_framework_path(spec: dict, config, progress) -> dict:
 
     datamodule = datamodule_from(config, limit_train_batches=None).setup()
     per_call = whole_executions(datamodule.steps_per_epoch, backend_module(spec["backend"]).most_steps_per_execution())
-    warmup_steps, window_steps = (-(-spec[name] // per_call) * per_call for name in ("warmup_steps", "window_steps"))
+    warmup_steps, window_steps = (whole_calls(spec[name], per_call) for name in ("warmup_steps", "window_steps"))
     steps = warmup_steps + window_steps
     images, labels, data_s, epoch_images = prepared_epoch(datamodule, steps, spec["whole_epoch_data"])
     optimizer = {"lr": config.lr, "decay_steps": steps, "ema_momentum": config.ema_momentum,
@@ -170,17 +176,13 @@ def run_framework_path(spec: dict, config, progress) -> dict:
     step_ends, call_ends = [], []
     started = time.perf_counter()
     for call_images, call_labels in calls:
-        loss = baseline.train_steps(call_images, call_labels) if per_call > 1 else baseline.train_step(
-            call_images[0], call_labels[0])
+        loss = baseline.train_steps(call_images, call_labels)
         baseline.synchronize(loss)  # the device has finished this call's steps
         # Reading the loss after each call, as the Keras paths' NaN guard does.
         if not math.isfinite(baseline.loss_value(loss)):
-            steps = f"steps {len(step_ends) + 1}-{len(step_ends) + per_call}" if per_call > 1 else f"step {len(step_ends) + 1}"
-            raise FloatingPointError(f"loss became {baseline.loss_value(loss)} at {steps}")
-        now = time.perf_counter()
-        previous = step_ends[-1] if step_ends else started
-        step_ends.extend((previous + np.cumsum(spread_over_steps(now - previous, per_call))).tolist())
-        call_ends.append(now)
+            raise FloatingPointError(f"loss became {baseline.loss_value(loss)} at "
+                                     f"{step_range(len(step_ends) + 1, len(step_ends) + per_call)}")
+        add_call(step_ends, call_ends, started, time.perf_counter(), per_call)
     figures = {**window_figures(started, step_ends, warmup_steps, config.batch_size), "compile_s": call_ends[0] - started}
     added = sorted(keras_modules() - keras_before)
     return {**add_epoch_estimate(figures, data_s, epoch_images), "steps_run": len(step_ends), "epochs_run": 1,

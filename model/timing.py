@@ -30,6 +30,16 @@ def spread_over_steps(seconds: float, steps: int) -> list[float]:
     return [seconds / steps] * steps
 
 
+def whole_calls(steps: int, per_call: int) -> int:
+    """`steps` rounded up to whole calls of `per_call` steps."""
+    return -(-steps // per_call) * per_call
+
+
+def step_range(first: int, last: int) -> str:
+    """How an error names the steps one call ran: "step 5", or "steps 1-10"."""
+    return f"step {last}" if first == last else f"steps {first}-{last}"
+
+
 def whole_executions(steps_per_epoch: int, most: int) -> int:
     """The most steps per call of a step function, up to `most`, that divides an epoch: Keras
     takes a call's steps from the feed, which here runs on over every epoch, so a call

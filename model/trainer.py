@@ -35,7 +35,7 @@ from model.config import TrainConfig
 from model.data import MNISTDataModule
 from model.module import CNNModule
 from model.runtime import resume_garbage_collection
-from model.timing import WARMUP_STEPS, past_warmup, spread_over_steps, whole_executions
+from model.timing import WARMUP_STEPS, past_warmup, spread_over_steps, step_range, whole_executions
 
 LAST_CHECKPOINT = "last.keras"
 BEST_CHECKPOINT = "best.keras"
@@ -67,8 +67,8 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         loss = float((logs or {}).get("loss", 0.0))
         first, self.steps_done = self.steps_done + 1, batch + 1
         if not math.isfinite(loss):
-            steps = f"step {batch + 1}" if first == batch + 1 else f"steps {first}-{batch + 1}"
-            raise NonFiniteLossError(f"loss became {loss} at epoch {self.epoch + 1}, {steps}; stopped. "
+            raise NonFiniteLossError(f"loss became {loss} at epoch {self.epoch + 1}, "
+                                     f"{step_range(first, batch + 1)}; stopped. "
                                      "Try a smaller --lr")
 
 
