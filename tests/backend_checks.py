@@ -700,8 +700,8 @@ def layer_calls(workdir: Path) -> dict:
         "lora_forward_shape": list(lora_forward.shape),
         "other_fused_calls": sum(isinstance(call, functools.partial)
                                  for call, _ in layers.layer_calls(other, backend.conv_relu_pool)),
-        "other_forward_equal": bool(np.array_equal(*map(keras.ops.convert_to_numpy, (
-            fused_forward(other, other_images), other(other_images))))),
+        "other_forward_relative_difference": _relative_difference(*map(keras.ops.convert_to_numpy, (
+            other(other_images), fused_forward(other, other_images)))),
     }
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -743,8 +743,8 @@ def layer_calls(workdir: Path) -> dict:
                   xla_gradient_relative_differences=[float(np.abs(a - b).max() / np.abs(a).max())
                                                      for a, b in zip(xla_stock[1], xla_fused[1])],
                   xla_forward_convolutions=convolutions, xla_forward_products=products,
-                  xla_other_forward_equal=bool(np.array_equal(*map(keras.ops.convert_to_numpy, (
-                      compiled_forward(other, other_images), compiled_forward(other, other_images, network_forward))))))
+                  xla_other_forward_relative_difference=_relative_difference(*map(keras.ops.convert_to_numpy, (
+                      compiled_forward(other, other_images, network_forward), compiled_forward(other, other_images)))))
     return result
 
 
@@ -801,6 +801,14 @@ def compiled_convolution(workdir: Path) -> dict:
     return {"ynnpack": "ynn_fusion" in compiled.as_text(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def _relative_difference(expected, actual) -> float:
+    """max |expected - actual| over max |expected|: 0.0 where they are equal."""
+    import numpy as np
+
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    return float(np.abs(expected - actual).max() / np.abs(expected).max())
+
+
 @check
 def pooled_conv(workdir: Path) -> dict:
     """JAX: backends.jax_backend.pooled_conv (products forward, its own gradients) against
@@ -842,7 +850,9 @@ def pooled_conv(workdir: Path) -> dict:
         _, (_, _, tiles, pooled) = jax_backend._pooled_conv_forward(inputs, kernel, pool_size)
         tied = sum(np.asarray(tile) == np.asarray(pooled) for tile in tiles) > 1
         cases.append({
+            "shape": [list(inputs_shape), list(kernel_shape), pool_size],
             "forward_equal": bool(np.array_equal(*outputs)),
+            "forward_relative_difference": _relative_difference(*outputs),
             "tied_maxima": int(tied.sum()),
             "gradient_relative_differences": [float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max())
                                               for a, b in zip(*gradients)],
