@@ -31,8 +31,8 @@ def default_jit_compile(deterministic: bool = False) -> bool:
     machines; which is faster for this CNN depends on the CPU (measured, README's
     Benchmarks): on AVX-512 TensorFlow's own kernels (oneDNN, with its MaxPool), on
     AVX2 XLA with the strided pooling (the hand-written loop on an AVX2 host, 2026-12-08,
-    one-off: 17.5 ms a step with its step under XLA, 28.5 without). GPUs keep XLA. TF's op determinism does not cover
-    every XLA kernel, so deterministic runs skip it."""
+    one-off: 17.5 ms a step with its step under XLA, 28.5 without). GPUs keep XLA. TF's
+    op determinism does not cover every XLA kernel, so deterministic runs skip it."""
     if deterministic:
         return False
     return bool(tf.config.list_physical_devices("GPU")) or not _cpu_has_avx512()

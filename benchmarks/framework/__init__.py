@@ -14,8 +14,9 @@ runs one step on a batch, its `train_steps(images, labels)` one step on each of 
 batches (steps, batch, ...) in one call, where Keras runs several steps per call
 (steps_per_execution; Keras itself runs a graph loop of its step on TensorFlow, a Python
 loop of its jitted step on JAX, and one step per call on torch). The baselines: a graph
-loop of the step inside one `tf.function` (under XLA, where it compiles, only the step is
-compiled, as Keras does), `lax.scan` inside one jitted call,
+loop of the step inside one `tf.function` (where XLA is on, it compiles only the step, as
+Keras does; TensorFlow's `train_steps` therefore takes the compiled step), `lax.scan` inside
+one jitted call,
 a Python loop; both methods return the last loss unread.
 """
 

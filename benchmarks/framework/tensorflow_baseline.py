@@ -104,7 +104,9 @@ def train_steps(step, images, labels):
     """`step(images[i], labels[i])` on each batch in turn, as a graph loop inside one call
     (what Keras' steps_per_execution runs), where `step` is the compiled one-step function
     (Baseline's: under XLA only the step is compiled, as Keras compiles it, see there);
-    returns the last step's loss."""
+    returns the last step's loss. Unlike JAX's and torch's train_steps it takes the
+    compiled step rather than the state and settings: the step must be its own
+    `tf.function` for XLA to compile it alone, outside the loop."""
     loss = tf.constant(0.0)
     for i in tf.range(tf.shape(images)[0]):
         loss = step(images[i], labels[i])
@@ -176,8 +178,9 @@ def build(weights: list[np.ndarray], lr: float, decay_steps: int = 0, ema_moment
     """A baseline starting from `weights` (Keras order and layout) with Adam(lr), its
     learning rate on a cosine to 0 over `decay_steps` updates when decay_steps > 0, and
     a moving average of the weights with `ema_momentum`, and the cross-entropy against
-    labels smoothed by `label_smoothing` (model/module.py sparse_crossentropy), its steps
-    compiled by XLA when `jit_compile` (None: as the Keras path on this machine)."""
+    labels smoothed by `label_smoothing` (model/module.py sparse_crossentropy), its step
+    compiled by XLA when `jit_compile` (None: as the Keras path on this machine); the loop
+    of several steps a call is never compiled by XLA."""
     params = [tf.Variable(np.asarray(w, dtype=np.float32)) for w in weights]
     state = TrainState(
         params=params,
