@@ -142,8 +142,9 @@ def pooled_conv(inputs, kernel, pool_size: int):
     Eigen, as this project's XLA flags have it (backends.FRAMEWORK_FLAGS): Eigen's product
     and its convolution sum each output's kernel taps in the same order (tested against the
     stock network), for this CNN's 9 taps on AVX2 and AVX-512 hosts alike; a shape with 75
-    taps (3 channels, 5x5) differed by about one float32 ulp on an AVX2 host. Gradients: `pooled_conv_gradients` (reverse mode only: a custom_vjp
-    has no forward-mode rule, so jax.jvp and jax.jacfwd through it are refused).
+    taps (3 channels, 5x5) differed by about one float32 ulp on an AVX2 host. Gradients:
+    `pooled_conv_gradients` (reverse mode only: a custom_vjp has no forward-mode rule, so
+    jax.jvp and jax.jacfwd through it are refused).
 
     Why: XLA:CPU's convolutions of this CNN (one input channel) ran at ~17 GFLOP/s, 0.7 ms
     per stride-2 tile, and their kernel gradients as convolutions too. One-off timings on

@@ -289,6 +289,14 @@ def _weights(module) -> list:
     return [keras.ops.convert_to_numpy(v) for v in module.network.weights]
 
 
+def _relative_difference(expected, actual) -> float:
+    """max |expected - actual| over max |expected|: 0.0 where they are equal."""
+    import numpy as np
+
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    return float(np.abs(expected - actual).max() / np.abs(expected).max())
+
+
 def _save_arrays(path: Path, arrays) -> str:
     import numpy as np
 
@@ -562,7 +570,7 @@ def fast_pooling(workdir: Path) -> dict:
         "forward_shape": list(forward_fast.shape),
         "probabilities_equal": bool(np.array_equal(*probabilities)),
         "gradient_max_relative_difference": max(
-            float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(*gradients)),
+            _relative_difference(b, a) for a, b in zip(*gradients)),
     }
     if keras.backend.backend() == "tensorflow":
         # TensorFlow's kernel has two branches: the above ran eagerly (TF's MaxPool);
@@ -580,7 +588,7 @@ def fast_pooling(workdir: Path) -> dict:
         result.update(
             xla_forward_equal=bool(np.array_equal(*xla_forward)),
             xla_gradient_max_relative_difference=max(
-                float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(xla_gradients, gradients[1])),
+                _relative_difference(b, a) for a, b in zip(xla_gradients, gradients[1])),
             **{f"xla_{name}_reduce_window": "reduce-window" in function.experimental_get_compiler_ir(activations)(
                 stage="hlo", device_name=tf.config.list_logical_devices("CPU")[0].name)
                for name, function in zip(("tiled", "stock"), compiled)})
@@ -682,7 +690,7 @@ def layer_calls(workdir: Path) -> dict:
     result = {
         "forward_equal": bool(np.array_equal(stock[0], fused[0])),
         # The fused pair sums the bias gradient in another order.
-        "gradient_relative_differences": [float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(stock[1], fused[1])],
+        "gradient_relative_differences": [_relative_difference(a, b) for a, b in zip(stock[1], fused[1])],
         "fused_calls": sum(isinstance(call, functools.partial) and call.func is backend.conv_relu_pool
                            for call, _ in layers.layer_calls(module.network, backend.conv_relu_pool)),
         "layer_calls_network": stock[2],
@@ -740,7 +748,7 @@ def layer_calls(workdir: Path) -> dict:
         return result
     xla_stock, xla_fused = run(network_forward, compiled), run(fused_forward, compiled)
     result.update(xla_forward_equal=bool(np.array_equal(xla_stock[0], xla_fused[0])),
-                  xla_gradient_relative_differences=[float(np.abs(a - b).max() / np.abs(a).max())
+                  xla_gradient_relative_differences=[_relative_difference(a, b)
                                                      for a, b in zip(xla_stock[1], xla_fused[1])],
                   xla_forward_convolutions=convolutions, xla_forward_products=products,
                   xla_other_forward_relative_difference=_relative_difference(*map(keras.ops.convert_to_numpy, (
@@ -801,14 +809,6 @@ def compiled_convolution(workdir: Path) -> dict:
     return {"ynnpack": "ynn_fusion" in compiled.as_text(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def _relative_difference(expected, actual) -> float:
-    """max |expected - actual| over max |expected|: 0.0 where they are equal."""
-    import numpy as np
-
-    expected, actual = np.asarray(expected), np.asarray(actual)
-    return float(np.abs(expected - actual).max() / np.abs(expected).max())
-
-
 @check
 def pooled_conv(workdir: Path) -> dict:
     """JAX: backends.jax_backend.pooled_conv (products forward, its own gradients) against
@@ -854,8 +854,7 @@ def pooled_conv(workdir: Path) -> dict:
             "forward_equal": bool(np.array_equal(*outputs)),
             "forward_relative_difference": _relative_difference(*outputs),
             "tied_maxima": int(tied.sum()),
-            "gradient_relative_differences": [float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max())
-                                              for a, b in zip(*gradients)],
+            "gradient_relative_differences": [_relative_difference(a, b) for a, b in zip(*gradients)],
         })
     try:  # a convolution output the pooling does not tile (11x11 by 2): refused by name
         jax_backend.pooled_conv(np.zeros((1, 13, 13, 1), "float32"), np.zeros((3, 3, 1, 2), "float32"), 2)
