@@ -83,6 +83,11 @@ def fuse_optimizer(optimizer) -> None:
     included) into the compiled step."""
 
 
+def fuse_loss_and_metrics(module) -> None:
+    """Nothing to do: jax.jit traces Keras' loss and metric updates into the compiled step, where
+    their Python runs once."""
+
+
 # ---------------------------------------------------------------------- layer kernels
 
 

@@ -135,6 +135,11 @@ def fuse_optimizer(optimizer) -> None:
     as graph ops without per-op Python elsewhere."""
 
 
+def fuse_loss_and_metrics(module) -> None:
+    """Nothing to do: tf.function traces Keras' loss and metric updates into the step's graph,
+    where their Python runs once."""
+
+
 # ---------------------------------------------------------------------- layer kernels
 
 

@@ -131,6 +131,17 @@ class CNNModule(keras.Model):
         )
         return self
 
+    def compiled_label_smoothing(self) -> float | None:
+        """The label smoothing of the compiled loss when it is this module's own smoothed
+        cross-entropy as configure compiles it (or a resumed run's, loaded), else None (not
+        compiled, no smoothing, or another loss): a backend may then compute that loss by
+        other means (torch's fuse_loss_and_metrics)."""
+        loss = getattr(self, "loss", None)
+        if type(loss) is SmoothedSparseCrossentropy and loss.reduction == "sum_over_batch_size" \
+                and loss.dtype == "float32" and loss.label_smoothing:
+            return loss.label_smoothing
+        return None
+
     # ------------------------------------------------------------------ steps
 
     def _common_step(self, batch, stage: str, probabilities=None):

@@ -261,6 +261,7 @@ class Trainer:
                 module, initial_epoch, history, best = self._restore(datamodule)
             self._compile(module, datamodule)
         BACKEND.fuse_optimizer(module.optimizer)
+        BACKEND.fuse_loss_and_metrics(module)
         resume_garbage_collection()  # paused while the run started (train.py)
         interrupt = StopOnInterrupt()
         callbacks = [StopOnNonFiniteLoss(), interrupt, self.timer]

@@ -225,6 +225,82 @@ def learning_rate(workdir: Path) -> dict:
 
 
 @check
+def fused_loss_and_metrics(workdir: Path) -> dict:
+    """Keras' fit for 2 epochs (5 batches of 64 and one of 40, validated in batches of 100),
+    with label smoothing, a weight average and a cosine schedule, after the backend's
+    fuse_loss_and_metrics and without it: every batch's logs, the history and the weights;
+    how many times the fused loss and metric results ran; then an evaluate with sample
+    weights (Keras' own paths) on both; which of them the Trainer's fit fused."""
+    import keras
+    import numpy as np
+
+    from backends import backend_module
+
+    backend = backend_module()
+    datamodule = _datamodule()
+    images, labels = datamodule.x_train[:360], datamodule.y_train[:360]
+    validation = (datamodule.x_val[:300], datamodule.y_val[:300])
+    weights = np.linspace(0.5, 2.0, 300).astype(np.float32)
+    calls = {"smoothed_crossentropy": [], "_mean_result": []}
+    originals = {name: getattr(backend, name, None) for name in calls}
+    for name, original in originals.items():
+        if original is not None:
+            def counted(*args, original=original, name=name):
+                calls[name].append(1)
+                return original(*args)
+
+            setattr(backend, name, counted)
+
+    class Logs(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches.append({name: float(value) for name, value in logs.items()})
+
+    runs = {}
+    try:
+        for fused in (True, False):
+            module = _module(label_smoothing=0.1, ema_momentum=0.99, decay_steps=12).configure()
+            backend.fuse_optimizer(module.optimizer)
+            if fused:
+                backend.fuse_loss_and_metrics(module)
+            logs = Logs()
+            history = module.fit(images, labels, batch_size=64, epochs=2, shuffle=False, verbose=0, callbacks=[logs],
+                                 validation_data=validation, validation_batch_size=100)
+            counted = {name: len(found) for name, found in calls.items()}
+            weighted = module.evaluate(*validation, sample_weight=weights, batch_size=100, verbose=0, return_dict=True)
+            runs[fused] = {"batches": logs.batches, "history": history.history, "weights": _weights(module),
+                           "calls": counted, "weighted": weighted,
+                           "weighted_calls": {name: len(found) - counted[name] for name, found in calls.items()}}
+            for found in calls.values():
+                found.clear()
+    finally:
+        for name, original in originals.items():
+            if original is not None:
+                setattr(backend, name, original)
+    fused, stock = runs[True], runs[False]
+    # train.py's Trainer fuses the module it trains.
+    from model.trainer import Trainer
+
+    trained = Trainer(max_epochs=1, limit_train_batches=2, verbose=0).fit(
+        _module(label_smoothing=0.1), _datamodule(validation_size=0))
+    return {
+        "fused_by_trainer": sorted(name for name in ("compute_loss", "compute_metrics") if name in vars(trained)),
+        "batches": len(fused["batches"]),
+        "batch_logs_equal": fused["batches"] == stock["batches"],
+        "history_equal": fused["history"] == stock["history"],
+        "history": fused["history"],
+        "weights_max_difference": max(float(np.max(np.abs(a - b))) for a, b in zip(fused["weights"], stock["weights"])),
+        "fused_calls": fused["calls"],
+        "stock_calls": stock["calls"],
+        "weighted_equal": fused["weighted"] == stock["weighted"],
+        "weighted_fused_calls": fused["weighted_calls"],
+    }
+
+
+@check
 def steps_per_execution(workdir: Path) -> dict:
     """Two epochs of 18 batches of 64, validated after each, with the Trainer's steps per
     call ("auto": Keras' steps_per_execution) and with one step per call: the optimizer's

@@ -200,6 +200,28 @@ def test_learning_rate_on_the_host_equals_keras_schedule(backend, backend_result
     assert run["unequal_count"] == 0, run["unequal"]
 
 
+@pytest.mark.only_backends("torch", reason="fuse_loss_and_metrics does nothing here (Keras' loss and metrics run "
+                            "inside the compiled step), so Keras' would be compared with itself")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_loss_and_metrics_equal_keras_own(backend, backend_results):
+    """backends/torch_backend.py fuse_loss_and_metrics: the smoothed cross-entropy, the loss
+    tracker and the accuracy computed by torch ops called directly must give Keras' own
+    values bit for bit (every batch's logs, the partial batch's included, the history with
+    validation, the weights after 12 steps), and must really run: 12 training and 6
+    validation losses, and each step's two results; with sample weights Keras' paths run;
+    and train.py's Trainer must fuse the module it trains."""
+    run = check_value(backend_results(backend), "fused_loss_and_metrics")
+    assert run["fused_by_trainer"] == ["compute_loss", "compute_metrics"]
+    assert run["batches"] == 12
+    assert run["fused_calls"] == {"smoothed_crossentropy": 18, "_mean_result": 36}
+    assert run["stock_calls"] == {"smoothed_crossentropy": 0, "_mean_result": 0}
+    assert run["batch_logs_equal"], "a batch's loss or accuracy differs from Keras' own"
+    assert run["history_equal"], run["history"]
+    assert run["weights_max_difference"] == 0.0
+    assert run["weighted_equal"]
+    assert run["weighted_fused_calls"] == {"smoothed_crossentropy": 0, "_mean_result": 0}
+
+
 @pytest.mark.only_backends("jax", "tensorflow", reason="Keras' torch trainer takes one step per call: the check "
                             "would compare a run with itself")
 @pytest.mark.parametrize("backend", BACKENDS)
