@@ -224,6 +224,17 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+# ---------------------------------------------------------------------- serving
+
+
+def predictor(model, fused_network):
+    """(path, predict) serving the loaded network `model`: `model.predict_on_batch`, one
+    XLA-compiled forward of the stock layers, the fastest measured here (one-off on the
+    AVX2 host, batch 1024: 29,800 images/s, against 7,300 for the fused network's
+    pooling); `fused_network` is not used."""
+    return "keras-predict_on_batch", model.predict_on_batch
+
+
 # ---------------------------------------------------------------------- steps
 
 

@@ -7,10 +7,12 @@ prints one JSON object: per runtime, per batch size (1: latency; 1024: throughpu
 raw seconds of every timed call, after `warmup` untimed calls. Statistics (medians,
 percentiles, confidence intervals) are the benchmark's job, not this module's.
 
-The Keras path is `model.predict_on_batch`: one compiled forward pass (XLA on JAX and
-TensorFlow) returning numpy, what a server calling Keras per request runs. Each call is
-followed by the backend's device sync before the clock is read (a no-op on CPU, where
-predict_on_batch's numpy result already waits for the device). The images are MNIST test
+The Keras path is what predict.py serves with (`model.prediction.predictor`, its `path` in
+the row): on JAX and TensorFlow `model.predict_on_batch`, one compiled forward pass (XLA on
+JAX and TensorFlow) returning numpy, what a server calling Keras per request runs; on torch
+the project's fused forward of the same weights under `torch.no_grad()`, the same
+probabilities. Each call is followed by the backend's device sync before the clock is read
+(a no-op on CPU, where the numpy result already waits for the device). The images are MNIST test
 images, cycled, so each call sees different data.
 """
 
@@ -53,18 +55,20 @@ def measure(predict, images, warmup: dict, calls: dict, synchronize=lambda: None
 
 
 def keras_inference(model_path, images: np.ndarray, warmup=DEFAULT_WARMUP, calls=DEFAULT_CALLS) -> dict:
-    """Per batch size, the seconds of each predict_on_batch call of the .keras model, in
-    the backend this process holds."""
+    """Per batch size, the seconds of each call serving the .keras model as predict.py
+    does (model.prediction.predictor), in the backend this process holds."""
     import keras
 
     from model.backend import BACKEND
     from model.checkpoint import load_model
+    from model.prediction import predictor
     from model.runtime import describe_runtime
 
     model = load_model(model_path)
-    results = measure(model.predict_on_batch, images, warmup, calls, BACKEND.synchronize)
+    path, predict = predictor(model)
+    results = measure(predict, images, warmup, calls, BACKEND.synchronize)
     runtime = describe_runtime()
-    return {"runtime": keras.backend.backend(), "path": "keras-predict_on_batch", "device": runtime["device"],
+    return {"runtime": keras.backend.backend(), "path": path, "device": runtime["device"],
             "versions": runtime["versions"], "batches": results}
 
 

@@ -342,11 +342,13 @@ def devices_table(rows: list[dict], runs: list[dict]) -> list[str]:
 
 
 def inference_table(rows: list[dict]) -> list[str]:
-    lines = [[row["backend"], row["device"], _interval(row["latency_ms_median"], row.get("latency_ms_ci95")),
+    lines = [[row["backend"], row["device"], row.get("runtime_path") or "–",
+              _interval(row["latency_ms_median"], row.get("latency_ms_ci95")),
               _ms(row["latency_ms_p99"]),
               _interval(row["throughput_images_per_s"], row.get("throughput_images_per_s_ci95"), lambda v: f"{v:,.0f}")]
              for row in rows if row["path"] == PREDICT and row["status"] == "ok"]
-    columns = ["runtime", "device", "batch-1 latency ms [95% CI]", "batch-1 p99 ms", "batch-1024 images/s [95% CI]"]
+    columns = ["runtime", "device", "served by", "batch-1 latency ms [95% CI]", "batch-1 p99 ms",
+               "batch-1024 images/s [95% CI]"]
     return _table(columns, lines) if lines else ["No predict cell ran."]
 
 

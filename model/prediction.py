@@ -19,6 +19,8 @@ import numpy as np
 from model.preprocess import IMAGE_SUFFIXES, ImageError, open_image, mnist_style
 
 STDIN = "-"
+# The serving path every backend can take (model.predict_on_batch).
+KERAS_PREDICT = "keras-predict_on_batch"
 TOP_K = 3
 # A contact sheet shows at most this many images (one page a person can still read).
 SHEET_LIMIT = 100
@@ -74,13 +76,39 @@ def top_predictions(probabilities: np.ndarray, k: int = TOP_K) -> list[dict]:
     return [{"digit": int(d), "probability": float(probabilities[d])} for d in order]
 
 
+def predictor(model):
+    """(path, predict) serving the loaded network `model`: predict(images) takes float32
+    images (N, 28, 28, 1) and returns their probabilities as numpy, by the backend's
+    fastest path (`BACKEND.predictor`: torch runs the project's fused forward of the same
+    weights, the others Keras' `predict_on_batch`), which must give `predict_on_batch`'s
+    probabilities exactly on a probe of random images, else `predict_on_batch` serves (a
+    network other than this CNN's, whose weights might still fit its layers)."""
+    from model.backend import BACKEND
+    from model.cnn import training_network
+
+    def fused_network():
+        try:
+            return training_network(model)
+        except ValueError:  # weights that do not fit this CNN's layers
+            return None
+
+    path, predict = BACKEND.predictor(model, fused_network)
+    if predict != model.predict_on_batch:
+        probe = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
+        if not np.array_equal(predict(probe), np.asarray(model.predict_on_batch(probe))):
+            return KERAS_PREDICT, model.predict_on_batch
+    return path, predict
+
+
 def predict_digits(model, inputs: list[Input], batch_size: int = 256) -> list[Input]:
     """Fill each good input's `result` with the model's prediction."""
     good = [item for item in inputs if item.error is None]
     if not good:
         return inputs
-    images = np.stack([item.digit_image for item in good])[..., None]
-    probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
+    images = np.stack([item.digit_image for item in good])[..., None].astype(np.float32)
+    _, predict = predictor(model)
+    probabilities = np.concatenate([np.asarray(predict(images[start : start + batch_size]), dtype=np.float64)
+                                    for start in range(0, len(images), batch_size)])
     for item, row in zip(good, probabilities):
         top = top_predictions(row)
         item.result = {"file": item.file, "digit": top[0]["digit"], "probability": top[0]["probability"], "top3": top}

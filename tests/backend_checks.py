@@ -301,6 +301,35 @@ def fused_loss_and_metrics(workdir: Path) -> dict:
 
 
 @check
+def serving(workdir: Path) -> dict:
+    """model.prediction.predictor (what predict.py and the benchmark's predict cells serve
+    with) on the portable network of seeded weights, saved and loaded as model.keras is:
+    its path and whether its probabilities equal predict_on_batch's exactly at batch 1024
+    and 1; then on two networks that are not this CNN (its layers with a tanh convolution,
+    whose weights still fit the CNN's; a dense-only one): their paths and equality."""
+    import keras
+    import numpy as np
+
+    from model.checkpoint import load_model, save_model
+    from model.cnn import build_cnn, portable_network
+    from model.prediction import predictor
+
+    images = _datamodule().x_test[:1024]
+    loaded = load_model(save_model(portable_network(build_cnn("fast", seed=0)), workdir / "serving" / "model.keras"))
+    tanh = portable_network(build_cnn("fast", seed=0))
+    tanh.layers[0].activation = keras.activations.tanh
+    dense = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
+    result = {}
+    for name, model in (("cnn", loaded), ("tanh", tanh), ("dense", dense)):
+        path, predict = predictor(model)
+        result[name] = {"path": path, **{
+            f"equal_{size}": bool(np.array_equal(np.asarray(predict(images[:size])),
+                                                 np.asarray(model.predict_on_batch(images[:size]))))
+            for size in (1024, 1)}}
+    return result
+
+
+@check
 def steps_per_execution(workdir: Path) -> dict:
     """Two epochs of 18 batches of 64, validated after each, with the Trainer's steps per
     call ("auto": Keras' steps_per_execution) and with one step per call: the optimizer's

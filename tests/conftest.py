@@ -53,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Checks that run once per backend in one subprocess (see tests/backend_checks.py).
-BACKEND_CHECKS = ["architecture", "short_training", "training_data", "augmentation_thread", "equivalence", "checkpoint_safety", "framework_baseline", "fast_pooling", "moving_average", "learning_rate", "fused_loss_and_metrics", "steps_per_execution", "compiled_convolution", "pooled_conv", "layer_calls", "xla_choice"]
+BACKEND_CHECKS = ["architecture", "short_training", "training_data", "augmentation_thread", "equivalence", "checkpoint_safety", "framework_baseline", "fast_pooling", "moving_average", "learning_rate", "fused_loss_and_metrics", "serving", "steps_per_execution", "compiled_convolution", "pooled_conv", "layer_calls", "xla_choice"]
 
 
 # The backends the selected tests are parametrized with (set at collection).

@@ -222,6 +222,22 @@ def test_fused_loss_and_metrics_equal_keras_own(backend, backend_results):
     assert run["weighted_fused_calls"] == {"smoothed_crossentropy": 0, "_mean_result": 0}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serving_path_predicts_what_predict_on_batch_does(backend, backend_results):
+    """model.prediction.predictor, what predict.py and the benchmark's predict cells serve
+    with: on torch the fused forward of the same weights, on JAX and TensorFlow Keras'
+    predict_on_batch; either way predict_on_batch's probabilities exactly, at batch 1024
+    and 1. A network that is not this CNN, even one whose weights fit its layers (a tanh
+    convolution), is served by predict_on_batch."""
+    run = check_value(backend_results(backend), "serving")
+    expected = "torch-fused-forward" if backend == "torch" else "keras-predict_on_batch"
+    assert run["cnn"]["path"] == expected
+    for name in ("tanh", "dense"):
+        assert run[name]["path"] == "keras-predict_on_batch", name
+    for name, found in run.items():
+        assert found["equal_1024"] and found["equal_1"], name
+
+
 @pytest.mark.only_backends("jax", "tensorflow", reason="Keras' torch trainer takes one step per call: the check "
                             "would compare a run with itself")
 @pytest.mark.parametrize("backend", BACKENDS)
