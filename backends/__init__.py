@@ -19,6 +19,9 @@ import tempfile
 from importlib import metadata
 from types import ModuleType
 
+# The serving path every backend can take (each backend file's `predictor`).
+KERAS_PREDICT = "keras-predict_on_batch"
+
 BACKEND_MODULES = {
     "jax": "backends.jax_backend",
     "tensorflow": "backends.tensorflow_backend",

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from backends import layers
+from backends import KERAS_PREDICT, layers
 
 NAME = "jax"
 
@@ -232,7 +232,7 @@ def predictor(model, fused_network):
     XLA-compiled forward of the stock layers, the fastest measured here (one-off on the
     AVX2 host, batch 1024: 29,800 images/s, against 7,300 for the fused network's
     pooling); `fused_network` is not used."""
-    return "keras-predict_on_batch", model.predict_on_batch
+    return KERAS_PREDICT, model.predict_on_batch
 
 
 # ---------------------------------------------------------------------- steps

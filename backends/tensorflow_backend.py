@@ -12,7 +12,7 @@ import tensorflow as tf
 # What TensorFlow's own gradients use to tell an XLA-compiled function (no public API).
 from tensorflow.python.ops import control_flow_util
 
-from backends import layers
+from backends import KERAS_PREDICT, layers
 
 NAME = "tensorflow"
 
@@ -222,7 +222,7 @@ def predictor(model, fused_network):
     stock layers in one compiled call; the fused network's pooling measured the same
     (one-off on the AVX2 host, batch 1024: 9,300 and 9,400 images/s); `fused_network` is
     not used."""
-    return "keras-predict_on_batch", model.predict_on_batch
+    return KERAS_PREDICT, model.predict_on_batch
 
 
 # ---------------------------------------------------------------------- steps

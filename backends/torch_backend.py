@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from backends import layers
+from backends import KERAS_PREDICT, layers
 
 NAME = "torch"
 
@@ -203,26 +203,29 @@ def fuse_loss_and_metrics(module) -> None:
     called directly, on this module and its metrics' instances only; nothing is saved
     differently. Keras' ops on torch convert and check every argument, and its loss and
     metric wrappers flatten structures and open scopes, at every step (one-off on an AVX2
-    host: compile's loss 0.45 ms a step against 0.08 direct; the loss tracker's update and
-    compute_metrics 0.11 + 0.34 ms against 0.05).
+    host, batch 128: compile's loss 0.44-0.48 ms against 0.14-0.18 fused; the loss
+    tracker's update 0.11-0.22 against 0.03; compute_metrics 0.33-0.46 against 0.12-0.13).
 
-    - The loss (`module.compute_loss`), where it is the module's own smoothed cross-entropy
-      (`module.compiled_label_smoothing()`), with no sample weights and no loss added by a
-      layer: `smoothed_crossentropy`, Keras' torch ops in Keras' order, so the same loss and
+    - The loss (`module.compute_loss`, where the module's class keeps Keras' own), where it
+      is the module's own smoothed cross-entropy (`module.compiled_label_smoothing()`), for a
+      non-empty batch with no sample weights and no loss added by a layer:
+      `smoothed_crossentropy`, Keras' torch ops in Keras' order, so the same loss and
       gradients bit for bit (tested). Any other call runs Keras' compute_loss.
     - The loss tracker's update (`keras.metrics.Mean`, fed the loss and the batch size) and
-      `module.compute_metrics` with its one compiled metric, `SparseCategoricalAccuracy`:
-      each total and count added to in place, each result Keras' total / count (0 while the
-      count is 0). Keras' values exactly (tested); any other form (sample weights, masks,
-      other metrics) runs Keras' code, which also builds the compiled metrics on the first
-      step."""
+      `module.compute_metrics` (where the class keeps Keras' own) with its one compiled
+      metric, `SparseCategoricalAccuracy`: each total and count added to in place, each
+      result Keras' total / count (0 while the count is 0). Keras' values exactly (tested);
+      any other form (sample weights, masks, other metrics, a module compiled again since)
+      runs Keras' code, which also builds the compiled metrics on the first step."""
+    from keras.src.trainers.trainer import Trainer
+
     label_smoothing = module.compiled_label_smoothing()
-    if label_smoothing is not None:
+    if label_smoothing is not None and type(module).compute_loss is Trainer.compute_loss:
         loss, keras_loss = module.loss, module.compute_loss
 
         def compute_loss(x=None, y=None, y_pred=None, sample_weight=None, training=True):
-            if (sample_weight is None and module.loss is loss and _plain_tensor(y_pred) and isinstance(y, torch.Tensor)
-                    and not module.losses):
+            if (sample_weight is None and module.loss is loss and _plain_tensor(y_pred) and len(y_pred)
+                    and isinstance(y, torch.Tensor) and not module.losses):
                 return smoothed_crossentropy(y, y_pred, label_smoothing)
             return keras_loss(x, y, y_pred, sample_weight, training=training)
 
@@ -237,12 +240,15 @@ def fuse_loss_and_metrics(module) -> None:
             tracker.count.value.add_(float(sample_weight))
 
     tracker.update_state = update_loss_tracker
+    if type(module).compute_metrics is not Trainer.compute_metrics:
+        return
     keras_metrics = module.compute_metrics
 
     def compute_metrics(x, y, y_pred, sample_weight=None):
         accuracy = _only_accuracy(module)
-        if accuracy is None or sample_weight is not None or not _plain_tensor(y_pred) or y_pred.ndim != 2 \
-                or not isinstance(y, torch.Tensor) or y.shape != y_pred.shape[:1] or y.dtype.is_floating_point:
+        if accuracy is None or module._loss_tracker is not tracker or sample_weight is not None \
+                or not _plain_tensor(y_pred) or y_pred.ndim != 2 or not isinstance(y, torch.Tensor) \
+                or y.shape != y_pred.shape[:1] or y.dtype.is_floating_point:
             return keras_metrics(x, y, y_pred, sample_weight=sample_weight)
         with torch.no_grad():
             matches = (torch.argmax(y_pred, dim=-1) == y).to(torch.float32)
@@ -287,7 +293,7 @@ def _mean_result(metric):
 
 
 def smoothed_crossentropy(labels, probabilities, label_smoothing: float):
-    """The mean over the batch of the categorical cross-entropy of `probabilities` against
+    """The mean over a non-empty batch of the categorical cross-entropy of `probabilities` against
     one-hot `labels` smoothed by `label_smoothing` (model/module.py sparse_crossentropy,
     reduced as Keras' loss reduces it): Keras' own torch ops, in its order
     (`keras.src.backend.torch.nn.one_hot` and `categorical_crossentropy`,
@@ -303,8 +309,6 @@ def smoothed_crossentropy(labels, probabilities, label_smoothing: float):
     output = probabilities / torch.sum(probabilities, dim=-1, keepdim=True)
     output = torch.clip(output, epsilon, 1.0 - epsilon)
     values = -torch.sum(targets * torch.log(output), dim=-1)
-    if not len(values):
-        return torch.zeros(())  # Keras' divide_no_nan of an empty batch's sum
     return torch.sum(values) / torch.tensor(float(len(values)))
 
 
@@ -376,7 +380,7 @@ def predictor(model, fused_network):
     the same probabilities exactly (tested). Without a fused network, predict_on_batch."""
     network = fused_network()
     if network is None:
-        return "keras-predict_on_batch", model.predict_on_batch
+        return KERAS_PREDICT, model.predict_on_batch
     device = network.weights[0].value.device
 
     def predict(images):

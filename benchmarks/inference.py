@@ -8,8 +8,8 @@ raw seconds of every timed call, after `warmup` untimed calls. Statistics (media
 percentiles, confidence intervals) are the benchmark's job, not this module's.
 
 The Keras path is what predict.py serves with (`model.prediction.predictor`, its `path` in
-the row): on JAX and TensorFlow `model.predict_on_batch`, one compiled forward pass (XLA on
-JAX and TensorFlow) returning numpy, what a server calling Keras per request runs; on torch
+the row): on JAX and TensorFlow `model.predict_on_batch`, one compiled forward pass
+returning numpy, what a server calling Keras per request runs; on torch
 the project's fused forward of the same weights under `torch.no_grad()`, the same
 probabilities. Each call is followed by the backend's device sync before the clock is read
 (a no-op on CPU, where the numpy result already waits for the device). The images are MNIST test

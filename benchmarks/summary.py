@@ -106,8 +106,10 @@ def time_to_accuracy_figures(ok: list[dict]) -> dict:
 
 
 def predict_figures(ok: list[dict]) -> dict:
-    # How the runtime served (inference.py's path: Keras' predict_on_batch, torch's fused forward, onnxruntime).
-    row = {"runtime_path": ok[-1].get("runtime_path")}
+    # How the runtime served (inference.py's path: Keras' predict_on_batch, torch's fused
+    # forward, onnxruntime); rounds merged from runs that served differently name each.
+    paths = sorted({r.get("runtime_path") for r in ok if r.get("runtime_path")})
+    row = {"runtime_path": ", ".join(paths) or None}
     _with_ci(row, "latency_ms_median", [r["latency_ms_median"] for r in ok], "latency_ms_ci95")
     row["latency_ms_p99"] = _median(r["latency_ms_p99"] for r in ok)
     _with_ci(row, "throughput_images_per_s", [r["throughput_images_per_s"] for r in ok])

@@ -134,11 +134,12 @@ class CNNModule(keras.Model):
     def compiled_label_smoothing(self) -> float | None:
         """The label smoothing of the compiled loss when it is this module's own smoothed
         cross-entropy as configure compiles it (or a resumed run's, loaded), else None (not
-        compiled, no smoothing, or another loss): a backend may then compute that loss by
-        other means (torch's fuse_loss_and_metrics)."""
+        compiled, no smoothing, another loss, or loss weights): a backend may then compute
+        that loss by other means (torch's fuse_loss_and_metrics)."""
         loss = getattr(self, "loss", None)
         if type(loss) is SmoothedSparseCrossentropy and loss.reduction == "sum_over_batch_size" \
-                and loss.dtype == "float32" and loss.label_smoothing:
+                and loss.dtype == "float32" and loss.label_smoothing \
+                and self.get_compile_config().get("loss_weights") is None:
             return loss.label_smoothing
         return None
 

@@ -228,7 +228,8 @@ def test_serving_path_predicts_what_predict_on_batch_does(backend, backend_resul
     with: on torch the fused forward of the same weights, on JAX and TensorFlow Keras'
     predict_on_batch; either way predict_on_batch's probabilities exactly, at batch 1024
     and 1. A network that is not this CNN, even one whose weights fit its layers (a tanh
-    convolution), is served by predict_on_batch."""
+    convolution), is served by predict_on_batch (its path is what counts: its equality then
+    compares predict_on_batch with itself)."""
     run = check_value(backend_results(backend), "serving")
     expected = "torch-fused-forward" if backend == "torch" else "keras-predict_on_batch"
     assert run["cnn"]["path"] == expected

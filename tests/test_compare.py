@@ -244,6 +244,10 @@ def test_quick_run_time_to_accuracy_and_predict_cells(quick_run):
         assert cell["throughput_images_per_s"] > 0 and len(cell["rounds"]) == 1  # one round in quick mode
         (result,) = cell["rounds"]
         assert result["latency_calls"] == 20 and len(result["throughput_s"]) == 2
+        # Served as predict.py serves (model.prediction.predictor): torch by its fused forward.
+        served = {"torch": "torch-fused-forward", ONNX_RUNTIME: "onnxruntime-cpu"}.get(cell["backend"],
+                                                                                   "keras-predict_on_batch")
+        assert result["runtime_path"] == served, cell["backend"]
 
 
 @pytest.mark.slow
@@ -744,7 +748,7 @@ def test_report_headline_tables_and_collapsed_skips(tmp_path):
                      "seconds_to_target": 75.0, "epochs_to_target": 4, "evaluation_s": 2.0}]},
         {"backend": ONNX_RUNTIME, "device": "cpu", "path": PREDICT, "batch_size": 1, "status": "ok",
          "rounds": [{"status": "ok", "round": r, "latency_ms_median": 0.1 + r / 100, "latency_ms_p99": 0.3,
-                     "throughput_images_per_s": 50_000.0} for r in range(3)]}])]
+                     "throughput_images_per_s": 50_000.0, "runtime_path": "onnxruntime-cpu"} for r in range(3)]}])]
     rows = merge_cells(runs)
     lines = markdown_report(runs, rows).splitlines()
     assert lines[2] == ("On CPU, jax trains fastest through Keras fit (22.0 ms/step), ahead of torch (25.0 ms; not "
@@ -755,7 +759,8 @@ def test_report_headline_tables_and_collapsed_skips(tmp_path):
     jax_row = next(line for line in lines if line.startswith("| jax | cpu |"))
     assert "1.10× [1.10–1.10] |" in jax_row and "75 s (4 epochs)" in jax_row
     assert "n.s." in next(line for line in lines if line.startswith("| torch | cpu |"))
-    assert any(line.startswith("| onnxruntime | cpu | 0.11 [0.10–0.12] | 0.30 | 50,000") for line in lines)
+    assert any(line.startswith("| onnxruntime | cpu | onnxruntime-cpu | 0.11 [0.10–0.12] | 0.30 | 50,000")
+               for line in lines)
     skipped = [line for line in lines if "skipped" in line]
     assert skipped == ["- jax gpu (keras-fit, keras-fit-stock, native-step, framework): skipped: no GPU on this machine",
                        "- torch gpu (keras-fit, keras-fit-stock, native-step, framework): skipped: no GPU on this machine"]
