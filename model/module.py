@@ -137,9 +137,11 @@ class CNNModule(keras.Model):
         compiled, no smoothing, another loss, or loss weights): a backend may then compute
         that loss by other means (torch's fuse_loss_and_metrics)."""
         loss = getattr(self, "loss", None)
+        # compile()'s own arguments, as given (get_compile_config would serialize them, and
+        # Keras' serialization imports TensorFlow where it is installed: 2 s on torch).
+        compiled = getattr(getattr(self, "_compile_config", None), "config", {})
         if type(loss) is SmoothedSparseCrossentropy and loss.reduction == "sum_over_batch_size" \
-                and loss.dtype == "float32" and loss.label_smoothing \
-                and self.get_compile_config().get("loss_weights") is None:
+                and loss.dtype == "float32" and loss.label_smoothing and compiled.get("loss_weights") is None:
             return loss.label_smoothing
         return None
 

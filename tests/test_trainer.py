@@ -120,6 +120,9 @@ trainer = Trainer(max_epochs=2, limit_train_batches=3, eval_batch_size=200, verb
 out["collector_before_fit"] = gc.isenabled()
 trainer.fit(limited, datamodule)
 out["collector_after_fit"] = [gc.isenabled(), gc.get_freeze_count() > 0]
+# Nor did the Trainer's fit (its fused loss and metrics read compile's arguments, which
+# get_compile_config would serialize, importing TensorFlow).
+out["tensorflow_imported_by_fit"] = "tensorflow" in sys.modules
 out["decay_steps"] = limited.decay_steps
 out["final_learning_rate"] = float(keras.ops.convert_to_numpy(limited.optimizer.learning_rate))
 out["steps_run"] = int(keras.ops.convert_to_numpy(limited.optimizer.iterations))
@@ -249,10 +252,11 @@ def test_pausing_the_collector_leaves_one_turned_off_elsewhere_off():
 def test_saving_on_torch_does_not_import_tensorflow(trainer_runs):
     """Keras' .keras saving and loading ask whether TensorFlow is installed, importing it
     (2.5 s), only to test objects for TensorFlow types; on torch, with TensorFlow never
-    imported, they must not (backends.saving_without_tensorflow). The files they wrote
-    load back (the best.keras markers above)."""
+    imported, they must not (backends.saving_without_tensorflow), nor must the Trainer's
+    fit. The files they wrote load back (the best.keras markers above)."""
     pieces, _ = trainer_runs
     assert pieces["tensorflow_imported_by_saving"] is False
+    assert pieces["tensorflow_imported_by_fit"] is False
     assert pieces["best_markers"] == [1.0, 2.0, 2.0, 2.0, 2.0]
 
 
